@@ -1,0 +1,58 @@
+"""Writing outputs so that a crash never leaves half of one and never destroys the previous one:
+everything is written into a temporary sibling and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from fedlite.errors import InputError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide shared datasets from colleagues
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path, force: bool = True, what: str = "output") -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``final``; on success it replaces ``final``.
+
+    An existing non-empty ``final`` is refused unless ``force``; when replaced, the old directory is
+    moved aside first and deleted only after the new one is in place.
+    """
+    final = Path(final)
+    if final.exists() and not force and (not final.is_dir() or any(final.iterdir())):
+        raise InputError(f"{what} already exists", path=final, hint="choose another path or pass --force")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+        os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

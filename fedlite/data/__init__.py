@@ -1,0 +1,1 @@
+"""Multimodal case data: the manifest format, the synthetic generator, site partitioning, loading."""
