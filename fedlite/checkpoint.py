@@ -11,6 +11,7 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
@@ -21,6 +22,9 @@ from fedlite.errors import InputError
 from fedlite.presets import ModelConfig
 from fedlite.text import TOKENIZER_FILE, load_tokenizer
 
+if TYPE_CHECKING:
+    from fedlite.model import FedMMX
+
 FORMAT = "fedlite-checkpoint/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -29,7 +33,7 @@ METRICS = "metrics.json"
 
 @dataclass
 class Checkpoint:
-    model: "FedMMX"  # noqa: F821
+    model: FedMMX
     tokenizer: Tokenizer
     meta: dict
 

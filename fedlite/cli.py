@@ -114,6 +114,8 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--epochs", default=3, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True, help="Initial learning rate (decays linearly).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="sgd as in the paper (momentum 0.9, weight decay 5e-4); adamw for randomly initialised encoders.")
 @click.option("--gamma", default=1.0, show_default=True, help="Weight of the stage loss.")
 @click.option("--image-weights", type=click.Path(path_type=Path), default=None,
               help="A local timm ViT checkpoint file.")
@@ -124,7 +126,7 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/centralized"), show_default=True)
 def train(centralized: bool, data_dir: Path, eval_data: Path | None, preset: str, modality: str,
-          fusion: str, epochs: int, batch_size: int, lr: float, gamma: float, image_weights: Path | None,
+          fusion: str, epochs: int, batch_size: int, lr: float, optimizer: str, gamma: float, image_weights: Path | None,
           text_weights: Path | None, device: str, workers: int, seed: int, out: Path) -> None:
     """Train Fed-MMX. This version trains the centralized baseline (--centralized)."""
     if not centralized:
@@ -133,7 +135,7 @@ def train(centralized: bool, data_dir: Path, eval_data: Path | None, preset: str
     from fedlite.metrics import format_metrics
     from fedlite.training import TrainConfig
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, optimizer=optimizer)
     result = train_centralized(data_dir, out, preset=preset, modality=modality, fusion=fusion,
                                train_config=config, eval_data=eval_data, image_weights=image_weights,
                                text_weights=text_weights, device=device, seed=seed, num_workers=workers)

@@ -13,13 +13,12 @@ import json
 import math
 import numbers
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from fedlite.atomic import staged_dir
 from fedlite.data.manifest import Case, DatasetInfo, read_dataset, write_dataset
 from fedlite.errors import InputError
 
@@ -178,7 +177,7 @@ def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
 
 
 def split_dataset(data_dir: str | Path, out_dir: str | Path | None = None, clients: int = 10,
-                  alpha: float = 0.5, test_fraction: float = 0.2, seed: int = 0,
+                  alpha: float = 1.0, test_fraction: float = 0.2, seed: int = 0,
                   force: bool = False) -> SplitSummary:
     """Write test/, train/, site-NN/ and split.json under out_dir (default data_dir/split).
 
@@ -259,9 +258,7 @@ def _write_split(source: Path, info: DatasetInfo, splits: dict[str, list[Case]],
     out_dir = summary.out_dir
     # Resolve both sides so '..' in the written paths walks the same directories the OS will.
     source_root, final_root = source.resolve(), out_dir.resolve()
-    final_root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=final_root.parent))
-    try:
+    with staged_dir(final_root, force=True, what="split") as staging:
         for name, cases in splits.items():
             write_dataset(staging / name, info,
                           [_relative_image(c, source_root, final_root / name) for c in cases])
@@ -274,26 +271,6 @@ def _write_split(source: Path, info: DatasetInfo, splits: dict[str, list[Case]],
             "counts": summary.counts,
         }
         (staging / SPLIT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        _swap_into_place(staging, final_root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _swap_into_place(staging: Path, final: Path) -> None:
-    """Move the old directory aside, the new one in, then delete the old one."""
-    if not final.exists():
-        os.rename(staging, final)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-    os.rename(final, old / final.name)
-    try:
-        os.rename(staging, final)
-    except BaseException:
-        os.rename(old / final.name, final)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _relative_path(target: Path, start: Path) -> str:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
-import shutil
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from fedlite import __version__
+from fedlite.atomic import staged_dir
 from fedlite.data.manifest import DEFAULT_STAGE_NAMES, Case, Dataset, DatasetInfo, write_dataset
 from fedlite.data.notes import write_note
 from fedlite.data.smear import LINEAGES, render_smear
@@ -42,9 +41,7 @@ def synthesize(out_dir: str | Path, n_cases: int = 5400, seed: int = 0, positive
     _check_arguments(out_dir, n_cases, seed, positive_fraction, num_stages, force)
     n_cases, seed, num_stages, positive_fraction = int(n_cases), int(seed), int(num_stages), float(positive_fraction)
     labels = plan_labels(n_cases, seed, positive_fraction, num_stages)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(out_dir, "partial")
-    try:
+    with staged_dir(out_dir, force=True, what="dataset") as staging:
         (staging / IMAGE_DIR).mkdir()
         width = max(5, len(str(n_cases)))
         tasks = [(staging, seed, index, width, leukemia, stage, num_stages)
@@ -53,10 +50,6 @@ def synthesize(out_dir: str | Path, n_cases: int = 5400, seed: int = 0, positive
         info = DatasetInfo(stage_names=stage_names(num_stages),
                            extra={"generator": _generator_settings(n_cases, seed, positive_fraction, num_stages)})
         write_dataset(staging, info, cases)
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Dataset(root=out_dir, info=info, cases=cases)
 
 
@@ -147,26 +140,3 @@ def make_case(root: Path, seed: int, index: int, width: int, leukemia: int, stag
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     (root / image).write_bytes(buffer.getvalue())
     return Case(id=case_id, image=image, text=text, leukemia=leukemia, stage=stage)
-
-
-def _sibling(out_dir: Path, purpose: str) -> Path:
-    """A fresh hidden directory beside ``out_dir``, on the same filesystem so a rename is atomic."""
-    path = out_dir.parent / f".{out_dir.name}.{purpose}-{os.getpid()}-{secrets.token_hex(4)}"
-    path.mkdir()
-    return path
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Swap the finished directory in; an existing one (empty, or replaced by force) goes only after."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    old = _sibling(out_dir, "old")
-    os.replace(out_dir, old / "dataset")
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        os.replace(old / "dataset", out_dir)
-        old.rmdir()
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,145 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fedlite.centralized import train_centralized
+from fedlite.checkpoint import load_checkpoint, save_checkpoint
+from fedlite.cli import main
+from fedlite.data.loader import CaseDataset, make_loader
+from fedlite.errors import InputError
+from fedlite.evaluate import evaluate_checkpoint
+from fedlite.model import build_model
+from fedlite.presets import get_preset
+from fedlite.text import builtin_tokenizer
+from fedlite.training import TrainConfig, train_local
+
+CPU = torch.device("cpu")
+
+
+def _loader(dataset, modality="both", batch_size=8, train=True):
+    config = get_preset("tiny", modality=modality)
+    cases = CaseDataset(dataset, builtin_tokenizer() if config.uses_text else None, config.text.max_length,
+                        use_image=config.uses_image, train=train)
+    return make_loader(cases, batch_size, shuffle=train)
+
+
+def test_batches_pad_notes_dynamically_and_carry_labels(synth_data):
+    batch = next(iter(_loader(synth_data, train=False)))
+    assert batch["pixels"].shape == (8, 3, 224, 224)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[1] == int(mask.sum(1).max())  # padded to the longest
+    assert ((batch["stage"] >= 0) == (batch["leukemia"] == 1)).all()
+
+
+def test_local_training_fits_a_small_set(synth_data):
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", modality="text"))
+    loader = _loader(synth_data, modality="text", batch_size=16)
+    config = TrainConfig(epochs=1, lr=3e-3, optimizer="adamw")
+    first = train_local(model, loader, config, CPU, 3e-3, 3e-3, progress=False)
+    for _ in range(15):
+        last = train_local(model, loader, config, CPU, 3e-3, 3e-3, progress=False)
+    assert last.mean_loss < first.mean_loss - 0.2
+    assert first.samples == len(synth_data) and first.steps == len(loader)
+
+
+def test_frozen_encoders_do_not_change(synth_data):
+    model = build_model(get_preset("tiny"))
+    model.set_encoders_frozen(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_local(model, _loader(synth_data), TrainConfig(epochs=1), CPU, 1e-2, 1e-2, progress=False)
+    after = model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"fusion", "leukemia_head", "stage_head"}
+
+
+def test_proximal_term_keeps_weights_near_the_global_model(synth_data):
+    def drift(mu):
+        torch.manual_seed(0)
+        model = build_model(get_preset("tiny", modality="text"))
+        anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+        config = TrainConfig(epochs=1, lr=0.05, proximal_mu=mu)
+        train_local(model, _loader(synth_data, "text"), config, CPU, 0.05, 0.05, global_params=anchor,
+                    progress=False)
+        return sum(((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters()).sqrt().item()
+
+    assert drift(50.0) < 0.5 * drift(0.0)
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(tmp_path, synth_data):
+    model = build_model(get_preset("tiny")).eval()
+    tok = builtin_tokenizer()
+    save_checkpoint(tmp_path / "ckpt", model, tok, ["I", "II", "III", "IV"], ["no", "yes"], metrics={"accuracy": 0.5})
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    batch = next(iter(_loader(synth_data, train=False)))
+    with torch.no_grad():
+        a = model(batch["pixels"], batch["input_ids"], batch["attention_mask"]).stage_logits
+        b = loaded.model.eval()(batch["pixels"], batch["input_ids"], batch["attention_mask"]).stage_logits
+    assert torch.equal(a, b)
+    assert loaded.meta["metrics"] == {"accuracy": 0.5}
+    assert loaded.meta["model"]["init"] == {"image": "random", "text": "random"}
+    assert loaded.tokenizer.get_vocab() == tok.get_vocab()
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = build_model(get_preset("tiny"))
+    tok = builtin_tokenizer()
+    save_checkpoint(tmp_path / "ckpt", model, tok, ["I", "II", "III", "IV"], ["no", "yes"], metrics={"v": 1})
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path / "ckpt", model, tok, ["I", "II", "III", "IV"], ["no", "yes"], metrics={"v": 2})
+    assert load_checkpoint(tmp_path / "ckpt").meta["metrics"] == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
+
+
+def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):
+    model = build_model(get_preset("tiny"))
+    save_checkpoint(tmp_path / "ckpt", model, builtin_tokenizer(), ["I", "II", "III", "IV"], ["no", "yes"])
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match="corrupt weights"):
+        load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "tokenizer.json").unlink()
+    with pytest.raises(InputError, match="lacks tokenizer.json"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_centralized_run_writes_checkpoints_history_and_curves(tmp_path, synth_split):
+    result = train_centralized(synth_split.out_dir, tmp_path / "run", preset="tiny",
+                               train_config=TrainConfig(epochs=2, batch_size=16), progress=False)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best"]["stage_macro_f1"] == max(h["eval"]["stage_macro_f1"] for h in history)
+    again = evaluate_checkpoint(result.best_checkpoint, synth_split.out_dir / "test", progress=False)
+    assert again["accuracy"] == pytest.approx(result.best_metrics["accuracy"])
+    assert again["stage_confusion"] == result.best_metrics["stage_confusion"]
+
+
+def test_cli_pipeline_synth_split_check_train_evaluate(tmp_path):
+    run = CliRunner().invoke
+    data = tmp_path / "data"
+    assert run(main, ["data", "synth", str(data), "--cases", "40", "--workers", "1"]).exit_code == 0
+    again = run(main, ["data", "synth", str(data), "--cases", "40"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    split = run(main, ["data", "split", str(data), "--clients", "2"])
+    assert split.exit_code == 0 and "site-02" in split.output
+    check = run(main, ["data", "check", str(data / "split" / "site-01")])
+    assert check.exit_code == 0 and "no problems found" in check.output
+    train = run(main, ["train", "--centralized", "--data", str(data / "split"), "--preset", "tiny",
+                       "--modality", "text", "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert train.exit_code == 0, train.output
+    assert "stage macro-F1" in train.output
+    evaluation = run(main, ["evaluate", str(tmp_path / "run" / "best"), "--data", str(data / "split" / "test"),
+                            "--json"])
+    assert evaluation.exit_code == 0
+    metrics = json.loads(evaluation.stdout)
+    assert metrics["cases"] == 8 and 0 <= metrics["accuracy"] <= 1
+    assert run(main, ["train", "--data", str(data)]).exit_code == 2  # only --centralized exists yet
