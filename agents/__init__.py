@@ -1,0 +1,1 @@
+"""The hospital agent: bundle runtime, local SHAP explanations, edge fine-tuning, install and checks."""

@@ -1,0 +1,1 @@
+"""CPU latency, throughput and memory benchmarks."""

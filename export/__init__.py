@@ -1,0 +1,1 @@
+"""Distillation, structured pruning, ONNX export, INT8 quantization and the verified bundle."""

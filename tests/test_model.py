@@ -143,3 +143,25 @@ def test_image_weights_of_the_wrong_architecture_are_refused(tmp_path):
         build_model(get_preset("tiny"), image_weights=tmp_path / "vit.pth")
     with pytest.raises(InputError, match="not found"):
         build_model(get_preset("tiny"), image_weights=tmp_path / "missing.pth")
+
+
+def test_text_weights_load_from_a_local_transformers_directory(tmp_path):
+    from importlib import resources
+
+    from transformers import BertConfig, BertModel
+
+    from fedlite.text import load_tokenizer
+
+    bert = BertModel(BertConfig(vocab_size=1490, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=96, max_position_embeddings=64), add_pooling_layer=False)
+    bert.save_pretrained(tmp_path / "bert")
+    vocab = resources.files("fedlite.resources").joinpath("clinical_wordpiece_vocab.txt").read_text()
+    (tmp_path / "bert" / "vocab.txt").write_text(vocab)
+    model = build_model(get_preset("tiny"), text_weights=tmp_path / "bert")
+    assert model.config.text.hidden_size == 48 and model.config.text.max_length == 64
+    assert torch.equal(model.text_encoder.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)
+    assert model.config.init["text"] == "pretrained:bert"
+    tok = load_tokenizer(tmp_path / "bert")
+    assert tok.encode("WBC 30").tokens[0] == "[CLS]"
+    with pytest.raises(InputError, match="not a BERT model directory"):
+        build_model(get_preset("tiny"), text_weights=tmp_path / "missing")
