@@ -168,8 +168,8 @@ def evaluate(checkpoint: Path, data_dir: Path, batch_size: int, device: str, as_
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedlite-quickstart"), show_default=True)
-@click.option("--cases", default=800, show_default=True)
-@click.option("--epochs", default=4, show_default=True)
+@click.option("--cases", default=1600, show_default=True)
+@click.option("--epochs", default=6, show_default=True)
 @click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def quickstart(out: Path, cases: int, epochs: int, preset: str, seed: int) -> None:

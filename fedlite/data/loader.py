@@ -100,7 +100,8 @@ class CaseDataset(torch.utils.data.Dataset):
 
 def make_loader(dataset: CaseDataset, batch_size: int, shuffle: bool, seed: int = 0,
                 num_workers: int = 0) -> DataLoader:
+    # Workers are not persistent: each epoch's workers get a fresh copy of the dataset, so the
+    # epoch set by ``set_epoch`` (and with it the augmentation draw) reaches them.
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate,
-                      generator=generator, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                      generator=generator, num_workers=num_workers, pin_memory=torch.cuda.is_available())
