@@ -28,7 +28,7 @@ class FedliteGroup(click.Group):
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("urllib3", "matplotlib", "PIL", "filelock"):
+    for noisy in ("urllib3", "matplotlib", "PIL", "filelock", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -103,15 +103,16 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 
 @main.command()
 @click.option("--centralized", is_flag=True,
-              help="Train on pooled data (the paper's centralized baseline).")
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
-              help="A dataset directory, or a split directory (uses its train/ and test/).")
+              help="Train on pooled data (the paper's centralized baseline) instead of federated.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path),
+              help="A split directory from 'fedlite data split' (sites + test/); --centralized also takes "
+                   "a plain dataset directory.")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
-              help="Held-out dataset evaluated every epoch (default: the split's test/).")
+              help="Held-out dataset evaluated every epoch (default: the split's test/). Centralized only.")
 @click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small", show_default=True)
 @click.option("--modality", type=click.Choice(["both", "image", "text"]), default="both", show_default=True)
 @click.option("--fusion", type=click.Choice(["concat", "gated"]), default="concat", show_default=True)
-@click.option("--epochs", default=3, show_default=True)
+@click.option("--epochs", default=3, show_default=True, help="Epochs (centralized) or local epochs E per round.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True, help="Initial learning rate (decays linearly).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
@@ -121,29 +122,83 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
               help="A local timm ViT checkpoint file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), default=None,
               help="A local transformers BERT directory with its tokenizer.")
+@click.option("--rounds", default=10, show_default=True, help="Federated rounds T.")
+@click.option("--sites-per-round", default=0, show_default=True, help="Sites sampled per round (0: all).")
+@click.option("--freeze-rounds", default=2, show_default=True,
+              help="Rounds with frozen encoders (only fusion and heads train and travel).")
+@click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
+@click.option("--proximal-mu", default=0.01, show_default=True, help="FedProx's μ (with --strategy fedprox).")
+@click.option("--dp", is_flag=True, help="Opacus DP-SGD at every site.")
+@click.option("--noise-multiplier", default=1.5, show_default=True, help="DP noise σ.")
+@click.option("--max-grad-norm", default=1.0, show_default=True, help="DP per-case clipping norm C.")
+@click.option("--dp-delta", default=1e-5, show_default=True, help="DP δ.")
+@click.option("--compress", is_flag=True, help="Send top-k + int8 updates with error feedback.")
+@click.option("--topk", default=0.1, show_default=True, help="Share of update entries sent with --compress.")
+@click.option("--round-timeout", default=0.0, show_default=True,
+              help="Seconds a round waits for sites (0: all); late updates are folded in later rounds.")
+@click.option("--max-staleness", default=2, show_default=True, help="Rounds a late update may lag.")
+@click.option("--staleness-decay", default=0.5, show_default=True, help="λ in (N_c/N)·e^(−λτ).")
+@click.option("--convergence-tol", default=0.0, show_default=True, help="Stop when ‖θ_t+1 − θ_t‖ is below it.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
+              help="Continue a federated run from its last completed round.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--workers", default=0, show_default=True, help="Data-loading processes.")
+@click.option("--workers", default=0, show_default=True, help="Data-loading processes (centralized).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/centralized"), show_default=True)
-def train(centralized: bool, data_dir: Path, eval_data: Path | None, preset: str, modality: str,
-          fusion: str, epochs: int, batch_size: int, lr: float, optimizer: str, gamma: float, image_weights: Path | None,
-          text_weights: Path | None, device: str, workers: int, seed: int, out: Path) -> None:
-    """Train Fed-MMX. This version trains the centralized baseline (--centralized)."""
-    if not centralized:
-        raise click.UsageError("this version trains on pooled data only: pass --centralized")
-    from fedlite.centralized import train_centralized
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: runs/centralized or runs/federated).")
+def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, preset: str, modality: str,
+          fusion: str, epochs: int, batch_size: int, lr: float, optimizer: str, gamma: float,
+          image_weights: Path | None, text_weights: Path | None, rounds: int, sites_per_round: int,
+          freeze_rounds: int, strategy: str, proximal_mu: float, dp: bool, noise_multiplier: float,
+          max_grad_norm: float, dp_delta: float, compress: bool, topk: float, round_timeout: float,
+          max_staleness: int, staleness_decay: float, convergence_tol: float, resume_dir: Path | None,
+          device: str, workers: int, seed: int, out: Path | None) -> None:
+    """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
     from fedlite.metrics import format_metrics
-    from fedlite.training import TrainConfig
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, optimizer=optimizer)
-    result = train_centralized(data_dir, out, preset=preset, modality=modality, fusion=fusion,
-                               train_config=config, eval_data=eval_data, image_weights=image_weights,
-                               text_weights=text_weights, device=device, seed=seed, num_workers=workers)
-    if result.best_metrics:
-        stage_names = json.loads((result.best_checkpoint / "config.json").read_text())["stage_names"]
-        click.echo(format_metrics(result.best_metrics, stage_names))
-    click.echo(f"\nbest checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}"
-               f"\ncurves: {result.run_dir / 'curves.png'}")
+    if resume_dir is None and data_dir is None:
+        raise click.UsageError("give --data (or --resume RUN_DIR)")
+    if centralized:
+        from fedlite.centralized import train_centralized
+        from fedlite.training import TrainConfig
+
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, optimizer=optimizer)
+        result = train_centralized(data_dir, out or Path("runs/centralized"), preset=preset, modality=modality,
+                                   fusion=fusion, train_config=config, eval_data=eval_data,
+                                   image_weights=image_weights, text_weights=text_weights, device=device,
+                                   seed=seed, num_workers=workers)
+        if result.best_metrics:
+            stage_names = json.loads((result.best_checkpoint / "config.json").read_text())["stage_names"]
+            click.echo(format_metrics(result.best_metrics, stage_names))
+        click.echo(f"\nbest checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}"
+                   f"\ncurves: {result.run_dir / 'curves.png'}")
+        return
+    from fedlite.federated.config import FederatedConfig
+    from fedlite.federated.server_app import load_run_config
+    from fedlite.federated.simulation import run_federated_simulation
+
+    if resume_dir is not None:
+        cfg = load_run_config(resume_dir)
+    else:
+        cfg = FederatedConfig(
+            split_dir=str(data_dir), out=str(out or Path("runs/federated")), preset=preset, modality=modality,
+            fusion=fusion, rounds=rounds, sites_per_round=sites_per_round, freeze_rounds=freeze_rounds,
+            convergence_tol=convergence_tol, round_timeout=round_timeout, max_staleness=max_staleness,
+            staleness_decay=staleness_decay, local_epochs=epochs, batch_size=batch_size, lr=lr,
+            optimizer=optimizer, gamma=gamma, proximal_mu=proximal_mu if strategy == "fedprox" else 0.0,
+            dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
+            compress=compress, topk_fraction=topk, seed=seed, device=device,
+            image_weights=str(image_weights or ""), text_weights=str(text_weights or ""))
+    summary = run_federated_simulation(cfg, resume=resume_dir is not None)
+    if summary.get("best"):
+        stage_names = json.loads((Path(cfg.out) / "best" / "config.json").read_text())["stage_names"]
+        click.echo(format_metrics(summary["best"], stage_names))
+    sent, received = summary["bytes_sent"], summary["bytes_received"]
+    click.echo(f"\nrounds: {summary['rounds']} (best: {summary['best_round']}); sent {sent / 1e6:.1f} MB, "
+               f"received {received / 1e6:.1f} MB" + (f"; worst site ε = {summary['epsilon']:.2f}"
+                                                      if summary.get("epsilon") is not None else ""))
+    click.echo(f"best checkpoint: {Path(cfg.out) / 'best'}\nrounds: {Path(cfg.out) / 'rounds.jsonl'}"
+               f"\ncurves: {Path(cfg.out) / 'curves.png'}")
 
 
 @main.command()

@@ -1,0 +1,1 @@
+"""Federated training across hospital sites: what sites send and how the server combines it."""

@@ -1,0 +1,166 @@
+"""The site side of federated training (Flower ClientApp).
+
+On a train message a site loads the global trainable parameters into its model, trains on its own
+cases, and replies with the update Δθ = θ_local − θ_global (optionally DP-SGD, optionally
+compressed with error feedback) plus aggregate metrics. Nothing else leaves the site: no image, note,
+per-case prediction or explanation is ever put in a reply.
+
+The site's data directory comes from the SuperNode's node config (``data-dir``); in a simulation the
+driver maps each simulated node's ``partition-id`` to a site of a split instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlite.data.loader import make_loader
+from fedlite.errors import InputError
+from fedlite.federated.config import FederatedConfig
+from fedlite.federated.params import (from_record, frozen_fingerprint, get_arrays, set_arrays, to_record,
+                                      trainable_names)
+from fedlite.federated.task import cached_dataset, cached_model
+from fedlite.training import TrainConfig, evaluate_model, resolve_device, train_local
+
+log = logging.getLogger(__name__)
+RESIDUAL = "fedlite-residual"
+ACCOUNTANT = "fedlite-accountant"
+
+
+def site_data_dir(context: Context, split_dir: str | Path | None) -> Path:
+    """Where this site's cases are: node config ``data-dir``, or a split's site by partition id."""
+    node = context.node_config
+    if "data-dir" in node:
+        return Path(str(node["data-dir"]))
+    if split_dir is not None and "partition-id" in node:
+        from fedlite.data.split import load_split
+
+        sites = load_split(split_dir).sites
+        return Path(split_dir) / sites[int(node["partition-id"])]
+    raise InputError("this site has no data directory",
+                     hint="start the SuperNode with --node-config 'data-dir=\"/path/to/site\"'")
+
+
+def _prepare_model(cfg: FederatedConfig, num_stages: int, trainable: list[str], fingerprint: str):
+    """The cached model, rebuilt if its frozen part no longer matches the server's."""
+    model = cached_model(cfg, num_stages)
+    if frozen_fingerprint(model, trainable) != fingerprint:
+        model = cached_model(cfg, num_stages, fresh=True)
+        if frozen_fingerprint(model, trainable) != fingerprint:
+            raise InputError("this site's frozen encoder weights differ from the server's",
+                             hint="sites and server need the same preset, seed and local pretrained weights")
+    return model
+
+
+def train_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
+    from fedlite.federated.compress import encode_update
+
+    flat = dict(msg.content["config"])
+    cfg = FederatedConfig.from_flat(flat)
+    server_round = int(flat["server-round"])
+    data_dir = site_data_dir(context, split_dir)
+    num_stages = int(flat["num-stages"])
+    frozen = cfg.encoders_frozen(server_round)
+    trainable = trainable_names(cached_model(cfg, num_stages), frozen)
+    model = _prepare_model(cfg, num_stages, trainable, str(flat["frozen-fingerprint"]))
+    global_arrays = from_record(msg.content["arrays"])
+    if set(global_arrays) != set(trainable):
+        raise InputError(f"the server sent {len(global_arrays)} tensors, expected {len(trainable)}")
+    set_arrays(model, global_arrays)
+    model.set_encoders_frozen(frozen)
+
+    device = resolve_device(cfg.device)
+    dataset = cached_dataset(data_dir, cfg, model, train=True)
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
+    train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                               optimizer=cfg.optimizer, gamma=cfg.gamma, proximal_mu=cfg.proximal_mu)
+    lr = cfg.lr_for_round(server_round)
+    metrics: dict[str, float | int] = {}
+    if cfg.dp:
+        from fedlite.federated.privacy import PrivacyConfig, dp_train_local, epsilon
+
+        privacy = PrivacyConfig(cfg.noise_multiplier, cfg.max_grad_norm, cfg.dp_delta)
+        state = _load_accountant(context)
+        stats, state = dp_train_local(model, loader, train_config, device, lr, lr, privacy,
+                                      accountant_state=state, epochs=cfg.local_epochs)
+        _store_accountant(context, state)
+        metrics["epsilon"] = float(epsilon(state, cfg.dp_delta))
+    else:
+        anchors = {n: torch.from_numpy(v) for n, v in global_arrays.items()} if cfg.proximal_mu > 0 else None
+        stats = train_local(model, loader, train_config, device, lr, lr, epochs=cfg.local_epochs,
+                            global_params=anchors, progress=False)
+    local = get_arrays(model, trainable)
+    delta = {n: local[n] - global_arrays[n] for n in trainable}
+    if cfg.compress:
+        residual = _load_residual(context, trainable)
+        encoded, residual = encode_update(delta, residual, topk_fraction=cfg.topk_fraction)
+        _store_residual(context, residual)
+        arrays = encoded
+    else:
+        arrays = delta
+    metrics.update({"num-examples": stats.samples // max(cfg.local_epochs, 1), "train-loss": stats.mean_loss,
+                    "train-seconds": stats.seconds, "peak-memory-mb": stats.peak_memory_mb,
+                    "steps": stats.steps})
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
+                          "info": ConfigRecord({"site": data_dir.name, "compressed": cfg.compress})})
+    return Message(content, reply_to=msg)
+
+
+def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
+    """Local metrics of the global model on this site's cases (aggregates only)."""
+    flat = dict(msg.content["config"])
+    cfg = FederatedConfig.from_flat(flat)
+    num_stages = int(flat["num-stages"])
+    arrays = from_record(msg.content["arrays"])
+    model = _prepare_model(cfg, num_stages, list(arrays), str(flat["frozen-fingerprint"]))
+    set_arrays(model, arrays)
+    dataset = cached_dataset(site_data_dir(context, split_dir), cfg, model, train=False)
+    result = evaluate_model(model, make_loader(dataset, cfg.batch_size, shuffle=False), resolve_device(cfg.device))
+    metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+    metrics["num-examples"] = int(result["cases"])
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _load_residual(context: Context, names: list[str]) -> dict[str, np.ndarray] | None:
+    if RESIDUAL not in context.state:
+        return None
+    residual = from_record(context.state[RESIDUAL])
+    return residual if set(residual) == set(names) else None  # the trainable set changed: start anew
+
+
+def _store_residual(context: Context, residual: dict[str, np.ndarray]) -> None:
+    context.state[RESIDUAL] = to_record(residual)
+
+
+def _load_accountant(context: Context) -> dict | None:
+    if ACCOUNTANT not in context.state:
+        return None
+    return json.loads(str(context.state[ACCOUNTANT]["history"]))
+
+
+def _store_accountant(context: Context, state: dict) -> None:
+    context.state[ACCOUNTANT] = ConfigRecord({"history": json.dumps(state)})
+
+
+def make_client_app(split_dir: str | Path | None = None) -> ClientApp:
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_site(msg, context, split_dir)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_site(msg, context, split_dir)
+
+    return client
+
+
+# For Flower's deployment engine (`flwr run .`): sites find their data through node config.
+app = make_client_app()

@@ -1,0 +1,85 @@
+"""Settings of a federated run, as plain data that travels in Flower's run config and messages.
+
+Flower configs hold only flat scalars, so the dataclass converts to and from a flat
+``{"kebab-case-key": value}`` dict; the same keys appear in pyproject's ``[tool.flwr.app.config]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from fedlite.errors import InputError
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    # data and outputs (the server's view; sites find their own data through node config)
+    split_dir: str = ""
+    out: str = "runs/federated"
+    # model
+    preset: str = "small"
+    modality: str = "both"
+    fusion: str = "concat"
+    image_weights: str = ""  # local files every site has too ("" = random init, seeded alike everywhere)
+    text_weights: str = ""
+    # rounds
+    rounds: int = 10
+    sites_per_round: int = 0  # 0: every connected site
+    min_sites: int = 1
+    freeze_rounds: int = 2
+    convergence_tol: float = 0.0  # stop when ‖θ_{t+1} − θ_t‖₂ falls below it (0: never)
+    round_timeout: float = 0.0  # seconds; 0: wait for every sampled site
+    max_staleness: int = 2  # late updates older than this many rounds are dropped (and logged)
+    staleness_decay: float = 0.5  # λ in (N_c/N)·e^{−λτ}
+    eval_every: int = 1
+    # local training
+    local_epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "sgd"
+    gamma: float = 1.0
+    proximal_mu: float = 0.0  # > 0: FedProx
+    # privacy
+    dp: bool = False
+    noise_multiplier: float = 1.5
+    max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
+    # update compression
+    compress: bool = False
+    topk_fraction: float = 0.1
+    # misc
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise InputError(f"need at least one round, got {self.rounds}")
+        if self.freeze_rounds < 0 or self.local_epochs < 1 or self.batch_size < 1:
+            raise InputError("freeze rounds must be >= 0, local epochs and batch size >= 1")
+        if not 0 < self.topk_fraction <= 1:
+            raise InputError(f"top-k fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.dp and self.proximal_mu > 0:
+            raise InputError("FedProx's proximal term is not supported together with DP-SGD",
+                             hint="drop --proximal-mu or --dp")
+
+    def lr_for_round(self, server_round: int) -> float:
+        """Linear decay with the global round (paper): full lr in round 1, lr/T in round T."""
+        return self.lr * (1 - (server_round - 1) / self.rounds)
+
+    def encoders_frozen(self, server_round: int) -> bool:
+        return server_round <= self.freeze_rounds
+
+    def to_flat(self) -> dict:
+        return {name.replace("_", "-"): value for name, value in asdict(self).items()}
+
+    @classmethod
+    def from_flat(cls, flat: dict) -> "FederatedConfig":
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in flat.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                continue  # other apps' keys share the run config
+            default = known[name].default
+            values[name] = type(default)(value) if default is not None else value
+        return cls(**values)

@@ -1,0 +1,270 @@
+"""The coordinator side of federated training (Flower ServerApp).
+
+Each round: sample sites, send them the global trainable parameters, collect their updates until
+the round's deadline, screen and average them (FedAvg, or FedProx whose term the sites add), apply
+the average, evaluate on the held-out global test split, record the round and checkpoint. A site that
+misses the deadline does not stall the round; its update is folded into a later one, damped by its
+staleness. ``resume`` continues a run whose server process died from its last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from tqdm.auto import tqdm
+
+from fedlite.atomic import atomic_write_text
+from fedlite.checkpoint import load_checkpoint, save_checkpoint
+from fedlite.data.loader import CaseDataset, make_loader
+from fedlite.data.manifest import read_dataset
+from fedlite.errors import InputError
+from fedlite.federated.aggregate import Rejection, SiteUpdate, check_update, screen_updates, update_norm, weighted_delta
+from fedlite.federated.compress import decode_update, is_encoded
+from fedlite.federated.config import FederatedConfig
+from fedlite.federated.params import add_to_params, from_record, frozen_fingerprint, get_arrays, to_record, trainable_names
+from fedlite.federated.task import build_initial_model, run_tokenizer
+from fedlite.plots import plot_history
+from fedlite.training import evaluate_model, resolve_device
+
+log = logging.getLogger(__name__)
+STATE = "server_state.json"
+ROUNDS = "rounds.jsonl"
+RUN_CONFIG = "run_config.json"
+
+
+def site_settings(cfg: FederatedConfig) -> dict:
+    """The run settings sites need; the server's own paths stay on the server."""
+    return {k: v for k, v in cfg.to_flat().items() if k not in ("split-dir", "out")}
+
+
+def load_run_config(run_dir: str | Path) -> FederatedConfig:
+    """The settings a run started with, so ``--resume`` continues exactly that run."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise InputError(f"not a federated run directory (no {RUN_CONFIG})", path=run_dir)
+    return FederatedConfig.from_flat({**json.loads(path.read_text()), "out": str(run_dir)})
+
+
+@dataclass
+class Outstanding:
+    """A train message whose reply has not arrived yet."""
+
+    node_id: int
+    server_round: int
+    shapes: dict[str, tuple[int, ...]]
+
+
+@dataclass
+class RoundReplies:
+    updates: list[SiteUpdate] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    bytes_received: dict[str, int] = field(default_factory=dict)
+    late_dropped: list[str] = field(default_factory=list)
+
+
+def _site_of(msg: Message) -> str:
+    info = msg.content.get("info") if not msg.has_error() else None
+    return str(info["site"]) if info is not None and "site" in info else f"node-{msg.metadata.src_node_id}"
+
+
+def _parse_reply(msg: Message, sent: Outstanding, server_round: int, replies: RoundReplies) -> None:
+    site = _site_of(msg)
+    if msg.has_error():
+        replies.rejected.append(Rejection(site, f"site failed: {msg.error.reason}"))
+        return
+    try:
+        raw = from_record(msg.content["arrays"])
+        replies.bytes_received[site] = msg.content["arrays"].count_bytes()
+        delta = decode_update(raw, sent.shapes) if is_encoded(raw) else raw
+        metrics = dict(msg.content["metrics"])
+        num_examples = int(metrics["num-examples"])
+    except (InputError, KeyError, TypeError, ValueError) as exc:
+        replies.rejected.append(Rejection(site, f"malformed update: {exc}"))
+        return
+    replies.updates.append(SiteUpdate(site, delta, num_examples, server_round - sent.server_round, metrics))
+
+
+def collect(grid: Grid, outstanding: dict[str, Outstanding], server_round: int, current: set[str],
+            timeout: float, max_staleness: int) -> RoundReplies:
+    """Pull replies until every message of this round answered or the deadline passed; replies to
+    earlier rounds' messages that arrive meanwhile are kept as stale updates."""
+    replies = RoundReplies()
+    deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
+    while True:
+        for msg in grid.pull_messages(list(outstanding)):
+            sent = outstanding.pop(msg.metadata.reply_to_message_id, None)
+            if sent is not None:
+                _parse_reply(msg, sent, server_round, replies)
+        if not current & set(outstanding) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    for message_id, sent in list(outstanding.items()):
+        if server_round - sent.server_round >= max_staleness:
+            outstanding.pop(message_id)
+            replies.late_dropped.append(f"node-{sent.node_id}")
+    return replies
+
+
+def _evaluate(model, test_loader, device) -> dict:
+    return evaluate_model(model, test_loader, device) if test_loader is not None else {}
+
+
+def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
+    split = Path(cfg.split_dir)
+    test_set = read_dataset(split / "test")
+    stage_names, label_names = test_set.info.stage_names, test_set.info.label_names
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    model = build_initial_model(cfg, len(stage_names))
+    state = {"round": 0, "best_round": 0, "best_score": -1.0}
+    if resume:
+        if not (out / STATE).is_file():
+            raise InputError(f"nothing to resume: no {STATE}", path=out)
+        state = json.loads((out / STATE).read_text())
+        model.load_state_dict(load_checkpoint(out / "last").model.state_dict())
+        log.info("resuming %s after round %d", out, state["round"])
+    else:
+        (out / ROUNDS).write_text("")
+        atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_flat(), indent=2) + "\n")
+    tokenizer = run_tokenizer(cfg)
+    config = model.config
+    test_loader = make_loader(CaseDataset(test_set, tokenizer if config.uses_text else None, config.text.max_length,
+                                          use_image=config.uses_image), cfg.batch_size, shuffle=False)
+    rng = np.random.default_rng([cfg.seed, state["round"]])
+    outstanding: dict[str, Outstanding] = {}
+    history = [json.loads(line) for line in (out / ROUNDS).read_text().splitlines()] if resume else []
+    training_meta = {"mode": "federated", **cfg.to_flat()}
+    bar = tqdm(range(state["round"] + 1, cfg.rounds + 1), desc="federated rounds", disable=not progress, unit="round")
+    for server_round in bar:
+        start = time.perf_counter()
+        nodes = _wait_for_nodes(grid, cfg.min_sites)
+        k = len(nodes) if cfg.sites_per_round <= 0 else min(cfg.sites_per_round, len(nodes))
+        sampled = sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
+        frozen = cfg.encoders_frozen(server_round)
+        trainable = trainable_names(model, frozen)
+        arrays = get_arrays(model, trainable)
+        shapes = {n: tuple(a.shape) for n, a in arrays.items()}
+        record = to_record(arrays)
+        flat = {**site_settings(cfg), "server-round": server_round, "num-stages": len(stage_names),
+                "frozen-fingerprint": frozen_fingerprint(model, trainable)}
+        content = RecordDict({"arrays": record, "config": ConfigRecord(flat)})
+        messages = [Message(content, dst_node_id=node, message_type="train") for node in sampled]
+        ids = list(grid.push_messages(messages))
+        for message_id, node in zip(ids, sampled):
+            outstanding[message_id] = Outstanding(node, server_round, shapes)
+        replies = collect(grid, outstanding, server_round, set(ids), cfg.round_timeout, cfg.max_staleness)
+        # Stale updates computed while other tensors were trainable are checked against their own round.
+        fresh = [u for u in replies.updates if u.staleness == 0]
+        stale = [u for u in replies.updates if u.staleness > 0 and set(u.delta) <= set(shapes)]
+        accepted, rejected = screen_updates(fresh, shapes)
+        for update in stale:
+            reason = check_update(update.delta, {n: shapes[n] for n in update.delta})
+            (rejected.append(Rejection(update.site, reason)) if reason else accepted.append(update))
+        rejected += replies.rejected
+        for rejection in rejected:
+            log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, rejection.reason)
+        aggregate_start = time.perf_counter()
+        step_norm = None
+        if accepted:
+            delta = weighted_delta(accepted, cfg.staleness_decay)
+            add_to_params(model, delta)
+            step_norm = update_norm(delta)
+        aggregate_seconds = time.perf_counter() - aggregate_start
+        eval_start = time.perf_counter()
+        metrics = _evaluate(model, test_loader, device) if server_round % cfg.eval_every == 0 or server_round == cfg.rounds else {}
+        eval_seconds = time.perf_counter() - eval_start
+        round_seconds = time.perf_counter() - start
+        slowest = max((float(u.metrics.get("train-seconds", 0.0)) for u in accepted if u.staleness == 0), default=0.0)
+        record_row = {
+            "round": server_round, "frozen_encoders": frozen, "lr": cfg.lr_for_round(server_round),
+            "sites": [u.site for u in accepted], "rejected": [r.__dict__ for r in rejected],
+            "late_dropped": replies.late_dropped, "stale_folded": [u.site for u in accepted if u.staleness > 0],
+            "train_loss": float(np.average([u.metrics["train-loss"] for u in accepted],
+                                           weights=[u.num_examples for u in accepted])) if accepted else None,
+            "eval": metrics, "update_norm": step_norm,
+            "bytes_sent_per_site": record.count_bytes(), "bytes_sent": record.count_bytes() * len(sampled),
+            "bytes_received": replies.bytes_received,
+            "dense_update_bytes": int(sum(np.prod(s) for s in shapes.values()) * 4),
+            "round_seconds": round_seconds, "slowest_site_train_seconds": slowest,
+            "aggregate_seconds": aggregate_seconds, "server_eval_seconds": eval_seconds,
+            "communication_seconds": max(0.0, round_seconds - slowest - aggregate_seconds - eval_seconds),
+            "site_train_seconds": {u.site: u.metrics.get("train-seconds") for u in accepted},
+            "site_peak_memory_mb": {u.site: u.metrics.get("peak-memory-mb") for u in accepted},
+        }
+        epsilons = [u.metrics["epsilon"] for u in accepted if "epsilon" in u.metrics]
+        if epsilons:
+            record_row["epsilon_worst_site"] = max(epsilons)
+        received = sum(replies.bytes_received.values())
+        if received:
+            record_row["compression_ratio"] = record_row["dense_update_bytes"] * len(replies.bytes_received) / received
+        history.append(record_row)
+        with (out / ROUNDS).open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record_row) + "\n")
+        names = dict(stage_names=stage_names, label_names=label_names)
+        meta = {**training_meta, "round": server_round}
+        score = metrics.get("stage_macro_f1")
+        if score is not None and score > state["best_score"]:
+            state.update(best_round=server_round, best_score=score)
+            save_checkpoint(out / "best", model, tokenizer, metrics=metrics, training=meta, **names)
+        save_checkpoint(out / "last", model, tokenizer, metrics=metrics, training=meta, **names)
+        state["round"] = server_round
+        atomic_write_text(out / STATE, json.dumps(state) + "\n")
+        if metrics:
+            bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", f1=f"{metrics['stage_macro_f1']:.3f}")
+        if cfg.convergence_tol > 0 and step_norm is not None and step_norm < cfg.convergence_tol:
+            log.info("converged after round %d: ‖Δθ‖ = %.3g < %g", server_round, step_norm, cfg.convergence_tol)
+            break
+    bar.close()
+    summary = _write_summary(out, cfg, history, state)
+    return summary
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= max(1, minimum):
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} sites connected after {timeout:.0f} s, need {minimum}")
+        time.sleep(0.5)
+
+
+def _write_summary(out: Path, cfg: FederatedConfig, history: list[dict], state: dict) -> dict:
+    evaluated = [h for h in history if h.get("eval")]
+    summary = {
+        "rounds": len(history), "best_round": state["best_round"],
+        "best": next((h["eval"] for h in evaluated if h["round"] == state["best_round"]), {}),
+        "last": evaluated[-1]["eval"] if evaluated else {},
+        "bytes_sent": sum(h["bytes_sent"] for h in history),
+        "bytes_received": sum(sum(h["bytes_received"].values()) for h in history),
+        "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),
+        "config": cfg.to_flat(),
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    curves = [{**h, "train_loss": h["train_loss"] if h["train_loss"] is not None else float("nan")} for h in history]
+    plot_history(curves, out / "curves.png", x_key="round", title=f"{cfg.preset} · federated")
+    return summary
+
+
+def make_server_app(cfg: FederatedConfig | None = None, resume: bool = False, progress: bool = True) -> ServerApp:
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else FederatedConfig.from_flat(dict(context.run_config))
+        run_server(grid, run_cfg, resume=resume, progress=progress)
+
+    return server
+
+
+# For Flower's deployment engine (`flwr run .`): settings come from the run config.
+app = make_server_app()

@@ -1,0 +1,45 @@
+"""Run a federated training on one machine with Flower's simulation runtime: one simulated
+SuperNode per site of a split, the same ServerApp and ClientApp as a real deployment."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from fedlite.data.split import load_split
+from fedlite.errors import InputError
+from fedlite.federated.client_app import make_client_app
+from fedlite.federated.config import FederatedConfig
+from fedlite.federated.server_app import make_server_app
+
+log = logging.getLogger(__name__)
+
+
+def backend_config(sites: int, gpus: int) -> dict:
+    """Sites share the machine: one CPU each (at most as many at once as there are cores), and
+    on GPUs a fraction of one so several sites train side by side without reloading."""
+    cpus = os.cpu_count() or 1
+    resources = {"num_cpus": 1, "num_gpus": min(1.0, gpus / max(1, min(sites, 4))) if gpus else 0.0}
+    return {"client_resources": resources, "init_args": {"num_cpus": cpus, "num_gpus": gpus}}
+
+
+def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
+    import torch
+    from flwr.simulation import run_simulation
+
+    split = load_split(cfg.split_dir)
+    if not split.sites:
+        raise InputError("the split has no sites", path=cfg.split_dir)
+    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+    summary_path = Path(cfg.out) / "summary.json"
+    if not resume:
+        summary_path.unlink(missing_ok=True)
+    log.info("simulating %d sites (%s) for %d rounds", len(split.sites), ", ".join(split.sites), cfg.rounds)
+    run_simulation(server_app=make_server_app(cfg, resume=resume, progress=progress),
+                   client_app=make_client_app(str(Path(cfg.split_dir).resolve())),
+                   num_supernodes=len(split.sites), backend_config=backend_config(len(split.sites), gpus))
+    if not summary_path.is_file():
+        raise RuntimeError(f"the federated run ended without a summary in {cfg.out}; see the log above")
+    return json.loads(summary_path.read_text())

@@ -1,0 +1,171 @@
+"""Aggregation, screening, the site's reply (what may leave a site) and whole simulated runs."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedlite.federated.aggregate import SiteUpdate, aggregation_weights, screen_updates, weighted_delta
+from fedlite.federated.client_app import RESIDUAL, train_site
+from fedlite.federated.compress import is_encoded
+from fedlite.federated.config import FederatedConfig
+from fedlite.federated.params import frozen_fingerprint, get_arrays, to_record, trainable_names
+from fedlite.federated.server_app import site_settings
+from fedlite.federated.task import build_initial_model
+
+SHAPES = {"w": (2, 2), "b": (2,)}
+
+
+def _update(site, w, b, n, staleness=0):
+    return SiteUpdate(site, {"w": np.full((2, 2), w, np.float32), "b": np.full(2, b, np.float32)}, n, staleness)
+
+
+def test_fedavg_weights_by_sample_count_as_computed_by_hand():
+    updates = [_update("a", 1.0, 0.0, 100), _update("b", 4.0, 3.0, 300)]
+    delta = weighted_delta(updates)
+    assert np.allclose(delta["w"], (100 * 1.0 + 300 * 4.0) / 400)  # 3.25
+    assert np.allclose(delta["b"], 300 * 3.0 / 400)
+
+
+def test_late_updates_are_damped_by_their_staleness():
+    updates = [_update("a", 1.0, 0.0, 100), _update("b", 1.0, 0.0, 100, staleness=2)]
+    weights = aggregation_weights(updates, staleness_decay=0.5)
+    assert weights == pytest.approx([0.5, 0.5 * math.exp(-1.0)])
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ({"w": np.full((2, 2), np.nan, np.float32), "b": np.zeros(2, np.float32)}, "NaN or Inf"),
+    ({"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}, "shape (3, 2)"),
+    ({"w": np.zeros((2, 2), np.float32)}, "missing 1 tensors"),
+    ({"w": np.zeros((2, 2), np.float32), "b": np.zeros(2, np.float32), "x": np.zeros(1, np.float32)}, "unexpected"),
+    ({"w": np.zeros((2, 2), np.int64), "b": np.zeros(2, np.float32)}, "floating-point"),
+])
+def test_malformed_updates_are_rejected_with_the_site_named(bad, reason):
+    good = [_update("a", 1.0, 1.0, 10), _update("b", 1.0, 1.0, 10)]
+    accepted, rejected = screen_updates(good + [SiteUpdate("site-07", bad, 10)], SHAPES)
+    assert [u.site for u in accepted] == ["a", "b"]
+    assert rejected[0].site == "site-07" and reason in rejected[0].reason
+
+
+def test_an_update_far_larger_than_the_others_is_rejected():
+    updates = [_update(s, 1.0, 1.0, 10) for s in "abc"] + [_update("huge", 1e4, 1e4, 10)]
+    accepted, rejected = screen_updates(updates, SHAPES)
+    assert [r.site for r in rejected] == ["huge"] and "median" in rejected[0].reason
+    assert len(accepted) == 3
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages can only be built inside a run; give the direct calls below one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def _train_message(model, cfg, server_round):
+    trainable = trainable_names(model, cfg.encoders_frozen(server_round))
+    flat = {**site_settings(cfg), "server-round": server_round, "num-stages": 4,
+            "frozen-fingerprint": frozen_fingerprint(model, trainable)}
+    content = RecordDict({"arrays": to_record(get_arrays(model, trainable)), "config": ConfigRecord(flat)})
+    return Message(content, dst_node_id=1, message_type="train"), trainable
+
+
+def _context(data_dir):
+    return Context(run_id=1, node_id=1, node_config={"data-dir": str(data_dir)}, state=RecordDict(), run_config={})
+
+
+def _strings(record):
+    return [str(v) for v in record.values()]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_site_sends_only_parameters_and_aggregate_metrics(synth_split, compress):
+    cfg = FederatedConfig(preset="tiny", rounds=3, freeze_rounds=1, local_epochs=1, batch_size=8, compress=compress)
+    model = build_initial_model(cfg, 4)
+    site_dir = synth_split.out_dir / "site-01"
+    context = _context(site_dir)
+    notes = [json.loads(l)["text"] for l in (site_dir / "manifest.jsonl").read_text().splitlines()]
+    for server_round in (1, 2):
+        msg, trainable = _train_message(model, cfg, server_round)
+        reply = train_site(msg, context)
+        assert set(reply.content.keys()) == {"arrays", "metrics", "info"}
+        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        names = {k.split("::")[0] for k in arrays}
+        assert names == set(trainable)  # parameters only, and only the trainable ones
+        assert is_encoded(arrays) == compress
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        for key, value in arrays.items():  # each array is (a part of) one parameter's update, no more
+            name = key.split("::")[0]
+            assert value.shape == shapes[name] if not compress else value.size <= max(np.prod(shapes[name]), 4)
+        metrics = dict(reply.content["metrics"])
+        assert all(isinstance(v, (int, float)) for v in metrics.values())
+        assert metrics["num-examples"] == len(notes)
+        info = _strings(reply.content["info"])
+        assert not any(note[:40] in s for note in notes for s in info)
+        assert all(len(s) < 40 for s in info)
+    if server_round == 1:
+        assert all(n.startswith(("fusion.", "leukemia_head.", "stage_head.")) for n in trainable)
+    assert (RESIDUAL in context.state) == compress  # error feedback stays at the site
+
+
+def test_a_site_refuses_a_model_whose_frozen_part_differs(synth_split):
+    cfg = FederatedConfig(preset="tiny", rounds=2, freeze_rounds=1, local_epochs=1)
+    other = build_initial_model(FederatedConfig(preset="tiny", seed=99), 4)
+    msg, _ = _train_message(other, cfg, 1)
+    with pytest.raises(Exception, match="frozen encoder weights differ"):
+        train_site(msg, _context(synth_split.out_dir / "site-01"))
+
+
+def _cfg(split, out, **kw):
+    base = dict(split_dir=str(split), out=str(out), preset="tiny", rounds=2, freeze_rounds=1, local_epochs=1,
+                batch_size=16, optimizer="adamw")
+    return FederatedConfig(**{**base, **kw})
+
+
+def test_simulated_run_records_rounds_bytes_and_checkpoints(tmp_path, synth_split):
+    from fedlite.federated.simulation import run_federated_simulation
+
+    summary = run_federated_simulation(_cfg(synth_split.out_dir, tmp_path / "run", compress=True), progress=False)
+    rounds = [json.loads(l) for l in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["frozen_encoders"] and not rounds[1]["frozen_encoders"]
+    assert rounds[0]["bytes_sent_per_site"] < rounds[1]["bytes_sent_per_site"] / 10  # heads only while frozen
+    assert sorted(rounds[1]["sites"]) == ["site-01", "site-02", "site-03"]
+    assert rounds[1]["compression_ratio"] > 4
+    assert set(rounds[1]["site_train_seconds"]) == set(rounds[1]["sites"])
+    assert summary["rounds"] == 2 and 0 <= summary["last"]["accuracy"] <= 1
+    for name in ("best/model.safetensors", "last/model.safetensors", "curves.png", "summary.json"):
+        assert (tmp_path / "run" / name).is_file()
+
+
+def test_resume_after_the_server_process_is_killed(tmp_path, synth_split):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedlite.cli", "train", "--data", str(synth_split.out_dir), "--preset", "tiny",
+           "--rounds", "3", "--freeze-rounds", "1", "--epochs", "1", "--batch-size", "16", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = out / "server_state.json"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state.is_file() and json.loads(state.read_text())["round"] >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    completed = json.loads(state.read_text())["round"]
+    assert 1 <= completed < 3, "the server should have been killed mid-run"
+    result = subprocess.run([sys.executable, "-m", "fedlite.cli", "train", "--resume", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rounds = [json.loads(l)["round"] for l in (out / "rounds.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3][: len(rounds)] and rounds[-1] == 3
+    assert json.loads(state.read_text())["round"] == 3
