@@ -51,16 +51,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _forward(model: FedMMX, batch: dict):
+def forward_batch(model: FedMMX, batch: dict):
     return model(batch.get("pixels"), batch.get("input_ids"), batch.get("attention_mask"))
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return psutil.Process().memory_info().rss / 2**20
@@ -107,8 +107,8 @@ def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = to_device(batch, device)
-            with _autocast(device):
-                out = _forward(model, batch)
+            with autocast_for(device):
+                out = forward_batch(model, batch)
             loss, _ = multitask_loss(out, batch["leukemia"], batch["stage"], config.gamma)
             if use_prox:
                 prox = sum(((p - a) ** 2).sum() for (_, p), a in zip(named_trainable, anchors))
@@ -124,7 +124,7 @@ def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: 
                 bar.set_postfix(loss=f"{loss_sum.item() / samples:.4f}")
     bar.close()
     return TrainStats(samples=samples, steps=steps, mean_loss=float(loss_sum.item() / max(samples, 1)),
-                      seconds=time.perf_counter() - start, peak_memory_mb=_peak_memory_mb(device))
+                      seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device))
 
 
 @torch.no_grad()
@@ -135,8 +135,8 @@ def predict(model: FedMMX, loader: DataLoader, device: torch.device, progress: b
     leukemia, stage = [], []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         batch = to_device(batch, device)
-        with _autocast(device):
-            out = _forward(model, batch)
+        with autocast_for(device):
+            out = forward_batch(model, batch)
         leukemia.append(out.leukemia_logits.float().softmax(-1))
         stage.append(out.stage_logits.float().softmax(-1))
     return torch.cat(leukemia).cpu().numpy(), torch.cat(stage).cpu().numpy()

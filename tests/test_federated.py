@@ -169,3 +169,28 @@ def test_resume_after_the_server_process_is_killed(tmp_path, synth_split):
     rounds = [json.loads(l)["round"] for l in (out / "rounds.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3][: len(rounds)] and rounds[-1] == 3
     assert json.loads(state.read_text())["round"] == 3
+
+
+def test_pyproject_declares_the_flower_app_with_every_setting():
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import validate_fields_in_config
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    valid, errors, _ = validate_fields_in_config(pyproject)
+    assert valid, errors
+    flat = pyproject["tool"]["flwr"]["app"]["config"]
+    assert set(flat) == set(FederatedConfig().to_flat())
+    assert FederatedConfig.from_flat(flat).split_dir == "data/split"
+
+
+def test_a_dp_site_reports_an_epsilon_that_accumulates_over_rounds(synth_split):
+    cfg = FederatedConfig(preset="tiny", rounds=3, freeze_rounds=3, local_epochs=1, batch_size=8, dp=True)
+    model = build_initial_model(cfg, 4)
+    context = _context(synth_split.out_dir / "site-02")
+    epsilons = []
+    for server_round in (1, 2):
+        msg, _ = _train_message(model, cfg, server_round)
+        epsilons.append(dict(train_site(msg, context).content["metrics"])["epsilon"])
+    assert 0 < epsilons[0] < epsilons[1]

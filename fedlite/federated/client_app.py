@@ -104,7 +104,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
         arrays = encoded
     else:
         arrays = delta
-    metrics.update({"num-examples": stats.samples // max(cfg.local_epochs, 1), "train-loss": stats.mean_loss,
+    metrics.update({"num-examples": len(dataset), "train-loss": stats.mean_loss,
                     "train-seconds": stats.seconds, "peak-memory-mb": stats.peak_memory_mb,
                     "steps": stats.steps})
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fedlite.errors import InputError
 from fedlite.model import FedMMX, FedMMXOutput
-from fedlite.training import (TrainConfig, TrainStats, _autocast, _forward, _peak_memory_mb,
+from fedlite.training import (TrainConfig, TrainStats, autocast_for, forward_batch, peak_memory_mb,
                               make_optimizer, to_device)
 
 ACCOUNTANT = "rdp"
@@ -174,8 +174,8 @@ def _private_step(private: PrivateTraining, batch: dict | None, device: torch.de
         private.step_without_cases()
         return 0
     batch = to_device(batch, device)
-    with _autocast(device):
-        out = _forward(private.model, batch)
+    with autocast_for(device):
+        out = forward_batch(private.model, batch)
     loss = per_case_multitask_loss(out, batch["leukemia"], batch["stage"], gamma)
     loss.backward()
     private.optimizer.step()
@@ -230,5 +230,5 @@ def dp_train_local(model: FedMMX, loader: DataLoader, train_config: TrainConfig,
             optimizer.zero_grad(set_to_none=True)
             private.unwrap()
     stats = TrainStats(samples=samples, steps=steps, mean_loss=float(loss_sum.item() / max(samples, 1)),
-                       seconds=time.perf_counter() - start, peak_memory_mb=_peak_memory_mb(device))
+                       seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device))
     return stats, private.accountant_state()

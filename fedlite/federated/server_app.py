@@ -125,11 +125,9 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
     device = resolve_device(cfg.device)
     model = build_initial_model(cfg, len(stage_names))
     state = {"round": 0, "best_round": 0, "best_score": -1.0}
+    history: list[dict] = []
     if resume:
-        if not (out / STATE).is_file():
-            raise InputError(f"nothing to resume: no {STATE}", path=out)
-        state = json.loads((out / STATE).read_text())
-        model.load_state_dict(load_checkpoint(out / "last").model.state_dict())
+        state, history = _resume_state(out, model)
         log.info("resuming %s after round %d", out, state["round"])
     else:
         (out / ROUNDS).write_text("")
@@ -140,7 +138,6 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
                                           use_image=config.uses_image), cfg.batch_size, shuffle=False)
     rng = np.random.default_rng([cfg.seed, state["round"]])
     outstanding: dict[str, Outstanding] = {}
-    history = [json.loads(line) for line in (out / ROUNDS).read_text().splitlines()] if resume else []
     training_meta = {"mode": "federated", **cfg.to_flat()}
     bar = tqdm(range(state["round"] + 1, cfg.rounds + 1), desc="federated rounds", disable=not progress, unit="round")
     for server_round in bar:
@@ -225,6 +222,22 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
     bar.close()
     summary = _write_summary(out, cfg, history, state)
     return summary
+
+
+def _resume_state(out: Path, model) -> tuple[dict, list[dict]]:
+    """Continue from the last checkpoint: its round is the last one completed, whatever else the
+    killed process managed to write after it."""
+    if not (out / "last").is_dir():
+        raise InputError("nothing to resume: the run has no completed round", path=out)
+    last = load_checkpoint(out / "last")
+    model.load_state_dict(last.model.state_dict())
+    completed = int(last.meta["training"]["round"])
+    rows = [json.loads(line) for line in (out / ROUNDS).read_text().splitlines() if line.strip()]
+    history = [row for row in rows if row["round"] <= completed]
+    atomic_write_text(out / ROUNDS, "".join(json.dumps(row) + "\n" for row in history))
+    scored = [(row["eval"]["stage_macro_f1"], row["round"]) for row in history if row.get("eval")]
+    best_score, best_round = max(scored) if scored else (-1.0, 0)
+    return {"round": completed, "best_round": best_round, "best_score": best_score}, history
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
