@@ -111,6 +111,8 @@ def test_a_site_sends_only_parameters_and_aggregate_metrics(synth_split, compres
     if server_round == 1:
         assert all(n.startswith(("fusion.", "leukemia_head.", "stage_head.")) for n in trainable)
     assert (RESIDUAL in context.state) == compress  # error feedback stays at the site
+    if compress:  # and follows the trainable set across the end of the frozen rounds
+        assert set(context.state[RESIDUAL].keys()) == set(trainable)
 
 
 def test_a_site_refuses_a_model_whose_frozen_part_differs(synth_split):

@@ -22,11 +22,12 @@ from flwr.clientapp import ClientApp
 
 from fedlite.data.loader import make_loader
 from fedlite.errors import InputError
+from fedlite.federated.compress import encode_update
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import (from_record, frozen_fingerprint, get_arrays, set_arrays, to_record,
                                       trainable_names)
 from fedlite.federated.task import cached_dataset, cached_model
-from fedlite.training import TrainConfig, evaluate_model, resolve_device, train_local
+from fedlite.training import TrainConfig, resolve_device, train_local
 
 log = logging.getLogger(__name__)
 RESIDUAL = "fedlite-residual"
@@ -59,8 +60,6 @@ def _prepare_model(cfg: FederatedConfig, num_stages: int, trainable: list[str], 
 
 
 def train_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
-    from fedlite.federated.compress import encode_update
-
     flat = dict(msg.content["config"])
     cfg = FederatedConfig.from_flat(flat)
     server_round = int(flat["server-round"])
@@ -98,7 +97,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
     local = get_arrays(model, trainable)
     delta = {n: local[n] - global_arrays[n] for n in trainable}
     if cfg.compress:
-        residual = _load_residual(context, trainable)
+        residual = _load_residual(context, delta)
         encoded, residual = encode_update(delta, residual, topk_fraction=cfg.topk_fraction)
         _store_residual(context, residual)
         arrays = encoded
@@ -112,26 +111,12 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
     return Message(content, reply_to=msg)
 
 
-def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
-    """Local metrics of the global model on this site's cases (aggregates only)."""
-    flat = dict(msg.content["config"])
-    cfg = FederatedConfig.from_flat(flat)
-    num_stages = int(flat["num-stages"])
-    arrays = from_record(msg.content["arrays"])
-    model = _prepare_model(cfg, num_stages, list(arrays), str(flat["frozen-fingerprint"]))
-    set_arrays(model, arrays)
-    dataset = cached_dataset(site_data_dir(context, split_dir), cfg, model, train=False)
-    result = evaluate_model(model, make_loader(dataset, cfg.batch_size, shuffle=False), resolve_device(cfg.device))
-    metrics = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and np.isfinite(v)}
-    metrics["num-examples"] = int(result["cases"])
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-def _load_residual(context: Context, names: list[str]) -> dict[str, np.ndarray] | None:
+def _load_residual(context: Context, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """What earlier rounds did not send; tensors that just became trainable start from zero."""
     if RESIDUAL not in context.state:
         return None
-    residual = from_record(context.state[RESIDUAL])
-    return residual if set(residual) == set(names) else None  # the trainable set changed: start anew
+    kept = from_record(context.state[RESIDUAL])
+    return {n: kept[n] if n in kept and kept[n].shape == v.shape else np.zeros_like(v) for n, v in delta.items()}
 
 
 def _store_residual(context: Context, residual: dict[str, np.ndarray]) -> None:
@@ -154,10 +139,6 @@ def make_client_app(split_dir: str | Path | None = None) -> ClientApp:
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         return train_site(msg, context, split_dir)
-
-    @client.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return evaluate_site(msg, context, split_dir)
 
     return client
 
