@@ -105,7 +105,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
         arrays = delta
     metrics.update({"num-examples": len(dataset), "train-loss": stats.mean_loss,
                     "train-seconds": stats.seconds, "peak-memory-mb": stats.peak_memory_mb,
-                    "steps": stats.steps})
+                    "steps": stats.steps, "samples": stats.samples})
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
                           "info": ConfigRecord({"site": data_dir.name, "compressed": cfg.compress})})
     return Message(content, reply_to=msg)

@@ -193,6 +193,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
             "round_seconds": round_seconds, "slowest_site_train_seconds": slowest,
             "aggregate_seconds": aggregate_seconds, "server_eval_seconds": eval_seconds,
             "communication_seconds": max(0.0, round_seconds - slowest - aggregate_seconds - eval_seconds),
+            "samples_trained": int(sum(u.metrics.get("samples", 0) for u in accepted)),
             "site_train_seconds": {u.site: u.metrics.get("train-seconds") for u in accepted},
             "site_peak_memory_mb": {u.site: u.metrics.get("peak-memory-mb") for u in accepted},
         }

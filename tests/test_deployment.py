@@ -1,0 +1,417 @@
+"""A real deployment on loopback: SuperLink with TLS, one SuperNode per site, `flwr run` over TLS.
+
+Everything runs as separate processes, as it would across hospitals: the SuperLink serves its Fleet,
+Control and Runtime APIs on one TLS port; every SuperNode verifies the SuperLink against a throwaway
+CA, finds its cases through ``--node-config data-dir=...`` and serves its own Runtime (ClientAppIo)
+API on its own loopback port; the CLI submits the app from the project directory through a
+connection written to ``$FLWR_HOME/config.toml``. Each process gets its own ``FLWR_HOME`` so no FAB or
+state lands in the user's ``~/.flwr``. Every process is bounded in time and killed, with its whole
+process tree, in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUN_TIMEOUT = 240.0  # seconds from `flwr run` to summary.json
+ROUND_TIMEOUT = 60.0  # seconds, the crash test's round deadline
+LOG_TAIL = 6000  # characters of each process log shown when a test fails
+
+pytestmark = pytest.mark.skipif(
+    not all((BIN / exe).exists() for exe in ("flower-superlink", "flower-supernode", "flwr", "flower-superexec")),
+    reason="Flower's executables are not installed beside this Python",
+)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def make_certificates(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    start, end = now - dt.timedelta(minutes=5), now + dt.timedelta(days=1)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlite test CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    paths = {"ca": directory / "ca.crt", "cert": directory / "server.pem", "key": directory / "server.key"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return paths
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def base_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # SuperLink/SuperNode spawn flower-superexec by name
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "TQDM_DISABLE": "1",
+        "PYTHONUNBUFFERED": "1",
+        # The box is shared: keep every torch process to one thread.
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    })
+    env.pop("PYTHONPATH", None)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class Deployment:
+    root: Path
+    certs: dict[str, Path]
+    link_port: int
+    split: Path
+    cli_env: dict[str, str]
+    procs: list[Proc] = field(default_factory=list)
+    nodes: dict[str, Proc] = field(default_factory=dict)
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as fh:
+            popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=self.root, start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        parts = []
+        for proc in self.procs:
+            text = proc.log.read_text(errors="replace") if proc.log.exists() else ""
+            parts.append(f"===== {proc.name} (pid {proc.popen.pid}, rc {proc.popen.poll()}) =====\n{text[-LOG_TAIL:]}")
+        return "\n".join(parts)
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # psutil missing or the process is gone
+        return []
+
+
+def stop(proc: Proc, grace: float = 5.0, hard: bool = False) -> None:
+    """SIGTERM the process, its process group and every descendant (flower-superexec runs in a session
+    of its own, flwr-serverapp/flwr-clientapp below it), then SIGKILL whatever is left. ``hard``: SIGKILL
+    at once, as a crash or a pulled network cable would (no goodbye to the SuperLink)."""
+    pids = {proc.popen.pid}
+
+    def signal_all(sig: int) -> None:
+        pids.update(_descendants(proc.popen.pid))  # again: a ClientApp may have started meanwhile
+        try:
+            os.killpg(proc.popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    if not hard:
+        signal_all(signal.SIGTERM)
+        try:
+            proc.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(0.5)
+    signal_all(signal.SIGKILL)
+    try:
+        proc.popen.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def prepare_deployment(root: Path, sites: list[str], n_cases: int = 40) -> Deployment:
+    """Certificates, a split with one directory per site, and the CLI's connection config."""
+    from fedlite.data.split import split_dataset
+    from fedlite.data.synth import synthesize
+
+    certs = make_certificates(root / "certs")
+    synthesize(root / "data", n_cases=n_cases, workers=1, progress=False)
+    split_dataset(root / "data", clients=len(sites), seed=0)
+    split = (root / "data" / "split").resolve()
+    for site in sites:
+        assert (split / site).is_dir(), f"the split has no {site}: {sorted(p.name for p in split.iterdir())}"
+
+    cli_home = root / "flwr-cli"
+    deployment = Deployment(root, certs, free_ports(1)[0], split, base_env(cli_home))
+    # What `flwr run . hospitals` reads: $FLWR_HOME/config.toml (TLS unless `insecure = true`).
+    (cli_home / "config.toml").write_text(
+        '[superlink]\n'
+        'default = "hospitals"\n\n'
+        '[superlink.hospitals]\n'
+        f'address = "127.0.0.1:{deployment.link_port}"\n'
+        f'root-certificates = "{certs["ca"]}"\n'
+    )
+    return deployment
+
+
+def launch(deployment: Deployment, sites: list[str]) -> None:
+    """A TLS SuperLink, then one SuperNode per site, each with its data dir and its own Runtime API port."""
+    certs, link_port = deployment.certs, deployment.link_port
+    link = deployment.start("superlink", [
+        str(BIN / "flower-superlink"),
+        "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+        "--ssl-keyfile", str(certs["key"]),
+        "--host", "127.0.0.1", "--port", str(link_port),  # Fleet, Control and Runtime APIs on one port
+        "--disable-runtime-dependency-installation",
+    ], base_env(deployment.root / "flwr-superlink"))
+    wait_for_port(link_port, link.popen, timeout=90)
+    node_ports = [p for p in free_ports(len(sites) + 1) if p != link_port][:len(sites)]
+    for site, port in zip(sites, node_ports):
+        deployment.nodes[site] = deployment.start(f"supernode-{site}", [
+            str(BIN / "flower-supernode"),
+            "--root-certificates", str(certs["ca"]),
+            "--superlink", f"127.0.0.1:{link_port}",
+            "--node-config", f'data-dir="{deployment.split / site}"',
+            "--host", "127.0.0.1", "--port", str(port),  # this SuperNode's Runtime (ClientAppIo) API
+        ], base_env(deployment.root / f"flwr-{site}"))
+
+
+def flwr(deployment: Deployment, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The Flower CLI against the test's connection (TLS, verified against the throwaway CA)."""
+    return subprocess.run([str(BIN / "flwr"), *args], env=deployment.cli_env, cwd=deployment.root,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _json_in(text: str) -> dict:
+    start = text.find("{")
+    if start < 0:
+        raise ValueError(f"no JSON in {text!r}")
+    return json.JSONDecoder().raw_decode(text[start:])[0]
+
+
+def flwr_run(deployment: Deployment, out: Path, **overrides) -> str:
+    """Submit the project as a run; returns the run id."""
+    settings = {"split-dir": str(deployment.split), "out": str(out), "preset": "tiny", "rounds": 1,
+                "freeze-rounds": 1, "local-epochs": 1, "batch-size": 16, **overrides}
+    run_config = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())  # TOML scalars
+    result = flwr(deployment, "run", str(PROJECT), "hospitals", "--run-config", run_config, "--format", "json",
+                  timeout=180)
+    try:
+        reply = _json_in(result.stdout)
+    except ValueError:
+        reply = {}
+    if result.returncode != 0 or not reply.get("success"):
+        pytest.fail(f"flwr run failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n{deployment.logs()}")
+    return str(reply["run-id"])
+
+
+def run_status(deployment: Deployment, run_id: str) -> str:
+    """``pending``, ``starting``, ``running`` or ``finished:completed|failed|stopped`` ("" if unknown)."""
+    try:
+        result = flwr(deployment, "ls", "hospitals", "--run-id", run_id, "--format", "json", timeout=60)
+        return str(_json_in(result.stdout)["runs"][0]["status"])
+    except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError):
+        return ""
+
+
+def run_logs(deployment: Deployment, run_id: str) -> str:
+    """The ServerApp's own output, which the SuperLink keeps per run (not in its stdout)."""
+    try:
+        result = flwr(deployment, "log", run_id, "hospitals", "--show", timeout=60)
+        return result.stdout[-2 * LOG_TAIL:] + result.stderr[-LOG_TAIL:]
+    except subprocess.TimeoutExpired:
+        return "(flwr log timed out)"
+
+
+def wait_for_summary(deployment: Deployment, run_id: str, out: Path, timeout: float = RUN_TIMEOUT) -> dict:
+    """Poll for the run's summary.json; fail early (with the ServerApp's log) if the run ends without one."""
+    deadline = time.monotonic() + timeout
+    next_status_check = time.monotonic() + 15
+    link = deployment.procs[0]
+    status = ""
+    while time.monotonic() < deadline:
+        if (out / "summary.json").is_file():
+            return json.loads((out / "summary.json").read_text())
+        if link.popen.poll() is not None:
+            pytest.fail(f"the SuperLink exited with {link.popen.returncode}\n{deployment.logs()}")
+        if time.monotonic() > next_status_check:
+            status = run_status(deployment, run_id)
+            if status.startswith("finished"):
+                time.sleep(2)  # the ServerApp writes summary.json before it reports back
+                if (out / "summary.json").is_file():
+                    return json.loads((out / "summary.json").read_text())
+                break
+            next_status_check = time.monotonic() + 15
+        time.sleep(1.0)
+    pytest.fail(f"no summary.json in {out} (run {run_id}: {status or 'still running'} after at most "
+                f"{timeout:.0f} s)\n===== ServerApp log (flwr log) =====\n{run_logs(deployment, run_id)}\n"
+                f"{deployment.logs()}")
+
+
+def rounds(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    """Start a deployment with ``deploy(sites)``; everything started is stopped afterwards."""
+    started: list[Deployment] = []
+
+    def _deploy(sites: list[str]) -> Deployment:
+        deployment = prepare_deployment(tmp_path, sites)
+        started.append(deployment)  # registered first: a failed launch still stops what it started
+        launch(deployment, sites)
+        return deployment
+
+    try:
+        yield _deploy
+    finally:
+        for deployment in started:
+            for proc in reversed(deployment.procs):  # SuperNodes first, the SuperLink last
+                stop(proc)
+            logs = deployment.logs()
+            (tmp_path / "deployment.log").write_text(logs)
+            print(logs[-4 * LOG_TAIL:])  # shown by pytest when the test failed
+        shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_deployment_with_tls_trains_a_round_across_two_supernodes(deploy, tmp_path):
+    deployment = deploy(["site-01", "site-02"])
+    out = tmp_path / "run"
+    run_id = flwr_run(deployment, out, **{"min-sites": 2})
+
+    summary = wait_for_summary(deployment, run_id, out)
+    assert summary["rounds"] == 1
+    history = rounds(out)
+    assert [h["round"] for h in history] == [1]
+    assert sorted(history[0]["sites"]) == ["site-01", "site-02"], history[0]
+    assert not history[0]["rejected"], history[0]["rejected"]
+    assert (out / "best" / "model.safetensors").is_file()
+
+
+def _clientapp_started(proc: Proc) -> bool:
+    try:
+        import psutil
+
+        return any("flwr-clientapp" in " ".join(p.cmdline())
+                   for p in psutil.Process(proc.popen.pid).children(recursive=True))
+    except Exception:
+        return False
+
+
+def test_deployment_round_completes_when_a_supernode_dies_mid_round(deploy, tmp_path):
+    sites = ["site-01", "site-02", "site-03"]
+    deployment = deploy(sites)
+    out = tmp_path / "run"
+    start = time.monotonic()
+    run_id = flwr_run(deployment, out, **{"min-sites": 3, "round-timeout": ROUND_TIMEOUT})
+
+    # Crash site-03 (SIGKILL, no goodbye) as soon as it has started working on the round's message: the
+    # server must not stall; it closes the round at its deadline (or when the SuperLink reports the node
+    # gone after two missed heartbeats, ~60 s) with the two sites that answered.
+    victim = deployment.nodes["site-03"]
+    deadline = time.monotonic() + 180
+    next_status_check = time.monotonic() + 15
+    while not _clientapp_started(victim):
+        if time.monotonic() > deadline:
+            pytest.fail(f"site-03 never started a ClientApp\n{deployment.logs()}")
+        if time.monotonic() > next_status_check:
+            if run_status(deployment, run_id).startswith("finished"):
+                pytest.fail(f"run {run_id} ended before site-03 got its message\n===== ServerApp log =====\n"
+                            f"{run_logs(deployment, run_id)}\n{deployment.logs()}")
+            next_status_check = time.monotonic() + 15
+        time.sleep(0.2)
+    stop(victim, hard=True)
+    assert not (out / "summary.json").exists(), "the round finished before the SuperNode could be killed"
+
+    summary = wait_for_summary(deployment, run_id, out)
+    assert summary["rounds"] == 1
+    history = rounds(out)
+    assert sorted(history[0]["sites"]) == ["site-01", "site-02"], history[0]
+    assert history[0]["round_seconds"] < ROUND_TIMEOUT + 60, "the round waited far past its deadline"
+    assert time.monotonic() - start < RUN_TIMEOUT + 180
