@@ -3,6 +3,7 @@ agent tokenizes exactly as training did from the checkpoint's ``tokenizer.json``
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,8 @@ from tokenizers.models import WordPiece
 from fedlite.errors import InputError
 
 TOKENIZER_FILE = "tokenizer.json"
-BUILTIN_VOCAB = "clinical_wordpiece_vocab.txt"
+# JSON rather than vocab.txt: Flower app bundles carry only code and JSON/TOML/YAML files.
+BUILTIN_VOCAB = "clinical_wordpiece_vocab.json"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -36,8 +38,8 @@ def _read_vocab(lines: list[str]) -> dict[str, int]:
 
 def builtin_tokenizer() -> Tokenizer:
     """Cased WordPiece vocabulary shipped with fedlite, used when no pretrained text model is given."""
-    text = resources.files("fedlite.resources").joinpath(BUILTIN_VOCAB).read_text(encoding="utf-8")
-    return _bert_tokenizer(_read_vocab(text.splitlines()), lowercase=False)
+    tokens = json.loads(resources.files("fedlite.resources").joinpath(BUILTIN_VOCAB).read_text(encoding="utf-8"))
+    return _bert_tokenizer(_read_vocab(tokens), lowercase=False)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -59,8 +61,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def _lowercase_from_config(model_dir: Path) -> bool:
-    import json
-
     cfg = model_dir / "tokenizer_config.json"
     if cfg.is_file():
         return bool(json.loads(cfg.read_text(encoding="utf-8")).get("do_lower_case", False))

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -155,8 +157,8 @@ def test_text_weights_load_from_a_local_transformers_directory(tmp_path):
     bert = BertModel(BertConfig(vocab_size=1490, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=96, max_position_embeddings=64), add_pooling_layer=False)
     bert.save_pretrained(tmp_path / "bert")
-    vocab = resources.files("fedlite.resources").joinpath("clinical_wordpiece_vocab.txt").read_text()
-    (tmp_path / "bert" / "vocab.txt").write_text(vocab)
+    vocab = json.loads(resources.files("fedlite.resources").joinpath("clinical_wordpiece_vocab.json").read_text())
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
     model = build_model(get_preset("tiny"), text_weights=tmp_path / "bert")
     assert model.config.text.hidden_size == 48 and model.config.text.max_length == 64
     assert torch.equal(model.text_encoder.embeddings.word_embeddings.weight, bert.embeddings.word_embeddings.weight)

@@ -69,13 +69,13 @@ class RoundReplies:
     late_dropped: list[str] = field(default_factory=list)
 
 
-def _site_of(msg: Message) -> str:
+def _site_of(msg: Message, sent: Outstanding) -> str:
     info = msg.content.get("info") if not msg.has_error() else None
-    return str(info["site"]) if info is not None and "site" in info else f"node-{msg.metadata.src_node_id}"
+    return str(info["site"]) if info is not None and "site" in info else f"node-{sent.node_id}"
 
 
 def _parse_reply(msg: Message, sent: Outstanding, server_round: int, replies: RoundReplies) -> None:
-    site = _site_of(msg)
+    site = _site_of(msg, sent)
     if msg.has_error():
         replies.rejected.append(Rejection(site, f"site failed: {msg.error.reason}"))
         return
