@@ -196,3 +196,54 @@ def test_a_dp_site_reports_an_epsilon_that_accumulates_over_rounds(synth_split):
         msg, _ = _train_message(model, cfg, server_round)
         epsilons.append(dict(train_site(msg, context).content["metrics"])["epsilon"])
     assert 0 < epsilons[0] < epsilons[1]
+
+
+class _Reply:
+    """A site's reply as the server pulls it from the grid."""
+
+    def __init__(self, reply_to, site, value):
+        from flwr.app import MetricRecord
+
+        from fedlite.federated.params import to_record
+
+        self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to, "src_node_id": 0})()
+        self.content = RecordDict({"arrays": to_record({"w": np.full((2, 2), value, np.float32),
+                                                        "b": np.zeros(2, np.float32)}),
+                                   "metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0}),
+                                   "info": ConfigRecord({"site": site})})
+
+    def has_error(self):
+        return False
+
+
+class _SlowSiteGrid:
+    """Site 'a' answers at once; site 'b' only after ``delay`` pulls."""
+
+    def __init__(self, delay):
+        self.delay, self.pulls, self.ready = delay, 0, {}
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        out = [r for mid, (r, at) in list(self.ready.items()) if mid in ids and self.pulls >= at]
+        for r in out:
+            del self.ready[r.metadata.reply_to_message_id]
+        return out
+
+
+def test_a_late_site_does_not_stall_the_round_and_is_folded_in_later():
+    from fedlite.federated.server_app import Outstanding, collect
+
+    grid = _SlowSiteGrid(delay=10_000)
+    outstanding = {"m1a": Outstanding(1, 1, SHAPES), "m1b": Outstanding(2, 1, SHAPES)}
+    grid.ready = {"m1a": (_Reply("m1a", "a", 1.0), 0), "m1b": (_Reply("m1b", "b", 2.0), 10_000)}
+    first = collect(grid, outstanding, server_round=1, current={"m1a", "m1b"}, timeout=0.3, max_staleness=2)
+    assert [u.site for u in first.updates] == ["a"]
+    assert "m1b" in outstanding  # still awaited, not forgotten
+    grid.ready["m1b"] = (grid.ready["m1b"][0], 0)
+    outstanding["m2a"] = Outstanding(1, 2, SHAPES)
+    grid.ready["m2a"] = (_Reply("m2a", "a", 3.0), 0)
+    second = collect(grid, outstanding, server_round=2, current={"m2a"}, timeout=5, max_staleness=2)
+    assert sorted((u.site, u.staleness) for u in second.updates) == [("a", 0), ("b", 1)]
+    outstanding["m3b"] = Outstanding(2, 3, SHAPES)  # never answers
+    collect(grid, outstanding, server_round=5, current=set(), timeout=0.1, max_staleness=2)
+    assert "m3b" not in outstanding  # too stale to use: dropped, and reported

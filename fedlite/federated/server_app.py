@@ -112,10 +112,6 @@ def collect(grid: Grid, outstanding: dict[str, Outstanding], server_round: int, 
     return replies
 
 
-def _evaluate(model, test_loader, device) -> dict:
-    return evaluate_model(model, test_loader, device) if test_loader is not None else {}
-
-
 def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
     split = Path(cfg.split_dir)
     test_set = read_dataset(split / "test")
@@ -176,7 +172,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
             step_norm = update_norm(delta)
         aggregate_seconds = time.perf_counter() - aggregate_start
         eval_start = time.perf_counter()
-        metrics = _evaluate(model, test_loader, device) if server_round % cfg.eval_every == 0 or server_round == cfg.rounds else {}
+        metrics = evaluate_model(model, test_loader, device) if server_round % cfg.eval_every == 0 or server_round == cfg.rounds else {}
         eval_seconds = time.perf_counter() - eval_start
         round_seconds = time.perf_counter() - start
         slowest = max((float(u.metrics.get("train-seconds", 0.0)) for u in accepted if u.staleness == 0), default=0.0)
