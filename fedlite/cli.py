@@ -224,14 +224,17 @@ def evaluate(checkpoint: Path, data_dir: Path, batch_size: int, device: str, as_
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedlite-quickstart"), show_default=True)
 @click.option("--cases", default=1600, show_default=True)
-@click.option("--epochs", default=6, show_default=True)
+@click.option("--rounds", default=3, show_default=True, help="Federated rounds.")
+@click.option("--local-epochs", default=2, show_default=True,
+              help="Local epochs per round (the centralized baseline trains rounds x local epochs).")
 @click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True)
-def quickstart(out: Path, cases: int, epochs: int, preset: str, seed: int) -> None:
+def quickstart(out: Path, cases: int, rounds: int, local_epochs: int, preset: str, seed: int) -> None:
     """The whole pipeline on the embedded synthetic data, on CPU, in minutes."""
     from fedlite.quickstart import run_quickstart
 
-    run_quickstart(out, cases=cases, epochs=epochs, preset=preset, seed=seed, echo=click.echo)
+    run_quickstart(out, cases=cases, rounds=rounds, local_epochs=local_epochs, preset=preset, seed=seed,
+                   echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,15 @@ from fedlite.cli import main
 
 def test_quickstart_runs_end_to_end_and_says_where_results_are(tmp_path):
     out = tmp_path / "qs"
-    result = CliRunner().invoke(main, ["quickstart", "--out", str(out), "--cases", "60", "--epochs", "1"])
+    args = ["quickstart", "--out", str(out), "--cases", "60", "--rounds", "2", "--local-epochs", "1"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    for name in ("data/manifest.jsonl", "data/split/split.json", "run/best/model.safetensors",
-                 "run/curves.png", "run/history.jsonl"):
+    for name in ("data/manifest.jsonl", "data/split/split.json", "federated/best/model.safetensors",
+                 "federated/rounds.jsonl", "centralized/best/model.safetensors", "centralized/curves.png"):
         assert (out / name).is_file(), name
-    assert "stage macro-F1" in result.output and str(out / "run" / "best") in result.output
-    # a second run replaces the first instead of failing on existing outputs
-    assert CliRunner().invoke(main, ["quickstart", "--out", str(out), "--cases", "60", "--epochs", "1"]).exit_code == 0
+    assert "stage macro-F1" in result.output and str(out / "federated") in result.output
+    table = result.output.split("stage F1")[1]
+    assert "federated" in table and "centralized" in table
 
 
 def test_help_lists_only_working_commands():
