@@ -224,8 +224,8 @@ def evaluate(checkpoint: Path, data_dir: Path, batch_size: int, device: str, as_
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedlite-quickstart"), show_default=True)
 @click.option("--cases", default=1600, show_default=True)
-@click.option("--rounds", default=3, show_default=True, help="Federated rounds.")
-@click.option("--local-epochs", default=2, show_default=True,
+@click.option("--rounds", default=8, show_default=True, help="Federated rounds.")
+@click.option("--local-epochs", default=1, show_default=True,
               help="Local epochs per round (the centralized baseline trains rounds x local epochs).")
 @click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True)
