@@ -74,6 +74,13 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, lr: fl
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
+def set_linear_lr(optimizer: torch.optim.Optimizer, lr_start: float, lr_end: float, step: int,
+                  total_steps: int) -> None:
+    lr = lr_start + (lr_end - lr_start) * step / total_steps
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: torch.device,
                 lr_start: float, lr_end: float, epochs: int | None = None,
                 global_params: dict[str, torch.Tensor] | None = None,
@@ -103,9 +110,7 @@ def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: 
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(epoch)
         for batch in loader:
-            lr = lr_start + (lr_end - lr_start) * steps / total_steps
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_linear_lr(optimizer, lr_start, lr_end, steps, total_steps)
             batch = to_device(batch, device)
             with autocast_for(device):
                 out = forward_batch(model, batch)

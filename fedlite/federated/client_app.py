@@ -76,6 +76,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
 
     device = resolve_device(cfg.device)
     dataset = cached_dataset(data_dir, cfg, model, train=True)
+    dataset.seed = cfg.seed + 7919 * server_round  # fresh augmentations every round, still reproducible
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
     train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                optimizer=cfg.optimizer, gamma=cfg.gamma, proximal_mu=cfg.proximal_mu)

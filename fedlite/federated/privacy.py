@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fedlite.errors import InputError
 from fedlite.model import FedMMX, FedMMXOutput
 from fedlite.training import (TrainConfig, TrainStats, autocast_for, forward_batch, peak_memory_mb,
-                              make_optimizer, to_device)
+                              make_optimizer, set_linear_lr, to_device)
 
 ACCOUNTANT = "rdp"
 # Opacus attaches these to modules during a step; an interrupted step can leave them behind.
@@ -217,9 +217,7 @@ def dp_train_local(model: FedMMX, loader: DataLoader, train_config: TrainConfig,
                 if hasattr(loader.dataset, "set_epoch"):
                     loader.dataset.set_epoch(epoch)
                 for batch in private.loader:
-                    lr = lr_start + (lr_end - lr_start) * steps / total_steps
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+                    set_linear_lr(optimizer, lr_start, lr_end, steps, total_steps)
                     samples += _private_step(private, batch, device, train_config.gamma, loss_sum)
                     steps += 1
                     bar.update(1)
