@@ -34,6 +34,8 @@ from fedlite.plots import plot_history
 from fedlite.training import evaluate_model, resolve_device
 
 log = logging.getLogger(__name__)
+# Progress for people and scripts watching a run (last completed round, best round); resuming
+# trusts the last checkpoint instead, which is written first.
 STATE = "server_state.json"
 ROUNDS = "rounds.jsonl"
 RUN_CONFIG = "run_config.json"
