@@ -26,8 +26,10 @@ class FedliteGroup(click.Group):
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    # fedlite logs at INFO; libraries (onnxruntime's quantizer logs on the root logger) only warn.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("fedlite").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("urllib3", "matplotlib", "PIL", "filelock", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -219,6 +221,105 @@ def evaluate(checkpoint: Path, data_dir: Path, batch_size: int, device: str, as_
         click.echo(json.dumps(metrics, indent=2))
     else:
         click.echo(format_metrics(metrics, read_checkpoint_meta(checkpoint)["stage_names"]))
+
+
+class DefaultCommandGroup(FedliteGroup):
+    """A group whose first argument, when it names no subcommand, goes to ``default_command``:
+    ``fedlite export CKPT`` and ``fedlite export verify BUNDLE`` side by side."""
+
+    default_command = "build"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=DefaultCommandGroup)
+def export() -> None:
+    """Distill, prune, quantize and verify a checkpoint into a bundle (`fedlite export CKPT --int8`);
+    `fedlite export verify BUNDLE` re-checks a bundle's hashes."""
+
+
+@export.command("build")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: a 'bundle' directory beside CHECKPOINT.")
+@click.option("--int8", is_flag=True, help="Quantize the encoder graphs to INT8 (default: FP32).")
+@click.option("--student", default=None, help="'half' (every other teacher layer) or a preset; default: small "
+              "for the paper teacher, half otherwise.")
+@click.option("--no-distill", is_flag=True, help="Export the teacher itself (pruning and INT8 still apply).")
+@click.option("--distill-epochs", default=3, show_default=True)
+@click.option("--lr", default=5e-4, show_default=True, help="AdamW learning rate for distillation and recovery.")
+@click.option("--alpha", default=0.5, show_default=True, help="Weight of the label loss against the teacher's.")
+@click.option("--temperature", default=2.0, show_default=True)
+@click.option("--feature-weight", default=0.0, show_default=True, help="β of the fused-representation MSE term.")
+@click.option("--prune", "prune_fraction", default=0.3, show_default=True,
+              help="Share of each layer's attention heads and FFN channels removed (0: no pruning).")
+@click.option("--prune-layers", default=0, show_default=True, help="Whole layers removed from each encoder.")
+@click.option("--recovery-epochs", default=1, show_default=True, help="Distillation epochs after pruning.")
+@click.option("--quantize", "quant_mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
+@click.option("--isa", type=click.Choice(["avx512_vnni", "avx2", "arm64"]), default="avx512_vnni", show_default=True,
+              help="Instruction set the INT8 graphs target.")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Dataset for static calibration (default: the training cases).")
+@click.option("--calibration-cases", default=64, show_default=True)
+@click.option("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Split directory (train/ + test/) or dataset; default: the checkpoint's training data, "
+                   "else the embedded synthetic data.")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Held-out cases for verification.")
+@click.option("--max-accuracy-drop", default=1.0, show_default=True, help="Points below the teacher allowed.")
+@click.option("--max-auc-drop", default=0.01, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="Where distillation runs.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Print bundle.json when done.")
+def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | None, no_distill: bool,
+                 distill_epochs: int, lr: float, alpha: float, temperature: float, feature_weight: float,
+                 prune_fraction: float, prune_layers: int, recovery_epochs: int, quant_mode: str, isa: str,
+                 per_tensor: bool, calibration: Path | None, calibration_cases: int, no_fuse: bool,
+                 data_dir: Path | None, eval_data: Path | None, max_accuracy_drop: float, max_auc_drop: float,
+                 batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
+    """Turn the teacher CHECKPOINT into a verified bundle for CPU servers."""
+    from fedlite.export.distill import DistillConfig
+    from fedlite.export.parity import Gate
+    from fedlite.export.pipeline import ExportOptions, export_bundle
+    from fedlite.export.prune import PruneConfig
+    from fedlite.export.quantize import QuantSettings
+
+    if not 0 <= prune_fraction < 1:
+        raise InputError(f"--prune must be in [0, 1), got {prune_fraction}")
+    options = ExportOptions(
+        student=student, distill=not no_distill,
+        distill_config=DistillConfig(epochs=distill_epochs, lr=lr, alpha=alpha, temperature=temperature,
+                                     feature_weight=feature_weight, batch_size=batch_size),
+        prune=PruneConfig(fraction=prune_fraction, layers=prune_layers), recovery_epochs=recovery_epochs,
+        int8=int8, quant=QuantSettings(mode=quant_mode, isa=isa, per_channel=not per_tensor),
+        calibration_cases=calibration_cases, fuse=not no_fuse,
+        gate=Gate(max_accuracy_drop=max_accuracy_drop, max_auc_drop=max_auc_drop),
+        batch_size=batch_size, device=device, seed=seed, progress=not as_json)
+    out = out or checkpoint.parent / "bundle"
+    result = export_bundle(checkpoint, out, options, data=data_dir, eval_data=eval_data,
+                           calibration=calibration, force=force)
+    if as_json:
+        click.echo(json.dumps(result.meta, indent=2))
+        return
+    size = sum(f["bytes"] for f in result.meta["files"].values())
+    click.echo(f"bundle: {result.bundle} ({size / 1e6:.1f} MB, {result.meta['model']['parameters'] / 1e6:.2f}M "
+               f"parameters{', INT8' if int8 else ', FP32'})")
+
+
+@export.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+def export_verify(bundle: Path) -> None:
+    """Re-check every file of BUNDLE against the SHA-256 recorded at export; exit 2 if any differs."""
+    from fedlite.export.bundle import verify_bundle
+
+    meta = verify_bundle(bundle)
+    click.echo(f"{bundle}: {len(meta['files'])} files match their SHA-256 (bundle version {meta['bundle_version']}, "
+               f"preset {meta['preset']})")
 
 
 @main.command()

@@ -18,3 +18,19 @@ def synth_split(synth_data):
     from fedlite.data.split import split_dataset
 
     return split_dataset(synth_data.root, clients=3, alpha=1.0, seed=0)
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """A tiny teacher trained briefly on its own synthetic split: better than chance, seconds to make."""
+    from fedlite.centralized import train_centralized
+    from fedlite.data.split import split_dataset
+    from fedlite.data.synth import synthesize
+    from fedlite.training import TrainConfig
+
+    root = tmp_path_factory.mktemp("teacher")
+    synthesize(root / "data", n_cases=240, seed=5, workers=1, progress=False)
+    split = split_dataset(root / "data", clients=3, alpha=1.0, seed=0)
+    run = train_centralized(split.out_dir, root / "run", preset="tiny", progress=False,
+                            train_config=TrainConfig(epochs=3, batch_size=16, optimizer="adamw", lr=1e-3))
+    return run.last_checkpoint, split.out_dir

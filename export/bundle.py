@@ -1,0 +1,91 @@
+"""The bundle: the contract between export and the hospital agent.
+
+A directory with three ONNX graphs, the head weights, the tokenizer and ``bundle.json`` (what the
+files are, how to feed them, how the bundle scored against its teacher, SHA-256 of every file).
+``bundle.json`` carries a hash of its own content too, so a changed label name is caught as surely
+as a changed weight. Reading and verifying needs only the standard library: the agent imports this
+module on a server without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from fedlite.errors import InputError, Problem
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fedlite-bundle/1"
+MANIFEST = "bundle.json"
+HEAD_WEIGHTS = "head.safetensors"
+SELF_HASH = "content_sha256"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_hash(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_bundle(directory: Path, meta: dict) -> dict:
+    """Hash every file in ``directory`` into ``meta['files']`` and write ``bundle.json``."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    meta = {**meta, "format": FORMAT,
+            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}
+    meta[SELF_HASH] = _content_hash(meta)
+    (directory / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def read_bundle_meta(bundle: str | Path) -> dict:
+    """``bundle.json`` parsed and its own hash checked (the files are checked by ``verify_bundle``)."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise InputError("bundle directory not found", path=bundle)
+    if not path.is_file():
+        raise InputError(f"not a fedlite bundle: no {MANIFEST}", path=bundle)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"corrupt bundle manifest: {exc}", path=path,
+                         hint="the bundle was changed after export; export it again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise InputError(f"unsupported bundle format {found!r}", path=path, hint=f"this fedlite reads {FORMAT}")
+    if meta.get(SELF_HASH) != _content_hash(meta):
+        raise InputError("bundle manifest was modified after export (its content hash does not match)",
+                         path=path, hint="export the bundle again or restore it from a trusted copy")
+    return meta
+
+
+def verify_bundle(bundle: str | Path) -> dict:
+    """Check every file's SHA-256 against the manifest; refuse the bundle naming each bad file."""
+    bundle = Path(bundle)
+    meta = read_bundle_meta(bundle)
+    problems = []
+    for name, expected in meta["files"].items():
+        path = bundle / name
+        if Path(name).name != name:
+            problems.append(Problem(f"manifest names a file outside the bundle: {name!r}", path=bundle / MANIFEST))
+        elif not path.is_file():
+            problems.append(Problem("file listed in the bundle manifest is missing", path=path))
+        elif path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+            problems.append(Problem("file does not match its SHA-256 in the bundle manifest (tampered or corrupt)",
+                                    path=path, hint="export the bundle again or restore it from a trusted copy"))
+    if problems:
+        raise InputError(problems)
+    extra = sorted(p.name for p in bundle.iterdir() if p.name != MANIFEST and p.name not in meta["files"])
+    if extra:
+        log.warning("bundle %s holds files it does not list (ignored): %s", bundle, ", ".join(extra))
+    return meta
