@@ -1,6 +1,6 @@
 """``fedlite quickstart``: synthesize a small dataset, split it into sites, train Fed-MMX federated
-across the sites and centralized on the pooled data for the same number of epochs, and compare both
-on the held-out split, all on CPU in minutes."""
+across the sites and centralized on the pooled data for the same number of epochs, compare both on
+the held-out split, and export the federated model into a verified INT8 bundle, all on CPU in minutes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from fedlite.centralized import train_centralized
 from fedlite.data.split import format_split_table, split_dataset
 from fedlite.data.synth import synthesize
 from fedlite.evaluate import evaluate_checkpoint
+from fedlite.export.distill import DistillConfig
+from fedlite.export.parity import format_report
+from fedlite.export.pipeline import ExportOptions, export_bundle
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.simulation import run_federated_simulation
 from fedlite.metrics import format_metrics
@@ -19,6 +22,7 @@ from fedlite.training import TrainConfig
 
 # Random-init encoders: AdamW, since the paper's SGD recipe assumes pretrained ones.
 OPTIMIZER, LR = "adamw", 1e-3
+EXPORT_EPOCHS = 6
 
 
 def comparison_table(results: dict[str, dict]) -> str:
@@ -39,16 +43,16 @@ def run_quickstart(out: str | Path, cases: int = 1600, rounds: int = 8, local_ep
         echo(f"\n== {title}")
         return time.perf_counter()
 
-    start = step(f"1/5 synthesizing {cases} smear + note cases")
+    start = step(f"1/6 synthesizing {cases} smear + note cases")
     dataset = synthesize(out / "data", n_cases=cases, seed=seed, force=True)
     timings["synth"] = time.perf_counter() - start
 
-    start = step(f"2/5 splitting into {clients} non-IID sites + held-out test split")
+    start = step(f"2/6 splitting into {clients} non-IID sites + held-out test split")
     split = split_dataset(dataset.root, out / "data" / "split", clients=clients, alpha=1.0, seed=seed, force=True)
     echo(format_split_table(split))
     timings["split"] = time.perf_counter() - start
 
-    start = step(f"3/5 federated training across the {clients} sites (Flower simulation, FedAvg), "
+    start = step(f"3/6 federated training across the {clients} sites (Flower simulation, FedAvg), "
                  f"{rounds} rounds x {local_epochs} local epochs")
     cfg = FederatedConfig(split_dir=str(split.out_dir), out=str(out / "federated"), preset=preset, rounds=rounds,
                           freeze_rounds=min(1, rounds - 1), local_epochs=local_epochs, optimizer=OPTIMIZER,
@@ -56,23 +60,31 @@ def run_quickstart(out: str | Path, cases: int = 1600, rounds: int = 8, local_ep
     federated = run_federated_simulation(cfg)
     timings["federated"] = time.perf_counter() - start
 
-    start = step(f"4/5 centralized baseline on the pooled sites, {epochs} epochs")
+    start = step(f"4/6 centralized baseline on the pooled sites, {epochs} epochs")
     run = train_centralized(split.out_dir, out / "centralized", preset=preset, seed=seed,
                             train_config=TrainConfig(epochs=epochs, lr=LR, optimizer=OPTIMIZER))
     timings["centralized"] = time.perf_counter() - start
 
     # The last checkpoints: both have then trained the same number of epochs.
-    start = step("5/5 evaluating both final models on the held-out test split")
+    start = step("5/6 evaluating both final models on the held-out test split")
     results = {name: evaluate_checkpoint(path, split.out_dir / "test", progress=False)
                for name, path in (("federated", out / "federated" / "last"), ("centralized", run.last_checkpoint))}
     echo(format_metrics(results["federated"], dataset.info.stage_names))
     echo("\n" + comparison_table(results))
     timings["evaluate"] = time.perf_counter() - start
 
+    start = step("6/6 exporting the federated model: distill, prune, INT8 ONNX, verify")
+    options = ExportOptions(int8=True, distill_config=DistillConfig(epochs=EXPORT_EPOCHS, lr=LR), seed=seed)
+    bundle = export_bundle(out / "federated" / "last", out / "bundle", options, data=split.out_dir, force=True)
+    echo(format_report(bundle.parity))
+    timings["export"] = time.perf_counter() - start
+
     echo(f"\ndata:        {dataset.root}\nsplit:       {split.out_dir}"
          f"\nfederated:   {out / 'federated'} (rounds.jsonl, curves.png, best/, last/)"
          f"\ncentralized: {run.run_dir} (history.jsonl, curves.png, best/, last/)"
          f"\nsent:        {federated['bytes_sent'] / 1e6:.1f} MB to sites, "
-         f"{federated['bytes_received'] / 1e6:.1f} MB back")
+         f"{federated['bytes_received'] / 1e6:.1f} MB back"
+         f"\nbundle:      {bundle.bundle} (INT8 ONNX, {bundle.meta['model']['parameters'] / 1e6:.2f}M parameters; "
+         f"`fedlite export verify {bundle.bundle}`)")
     echo("times:       " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    return {"metrics": results, "timings": timings}
+    return {"metrics": results, "timings": timings, "bundle": bundle.meta}

@@ -9,11 +9,13 @@ def test_quickstart_runs_end_to_end_and_says_where_results_are(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     for name in ("data/manifest.jsonl", "data/split/split.json", "federated/best/model.safetensors",
-                 "federated/rounds.jsonl", "centralized/best/model.safetensors", "centralized/curves.png"):
+                 "federated/rounds.jsonl", "centralized/best/model.safetensors", "centralized/curves.png",
+                 "bundle/bundle.json", "bundle/image_encoder.onnx"):
         assert (out / name).is_file(), name
     assert "stage macro-F1" in result.output and str(out / "federated") in result.output
     table = result.output.split("stage F1")[1]
     assert "federated" in table and "centralized" in table
+    assert "bundle" in result.output.split("6/6 exporting")[1] and str(out / "bundle") in result.output
 
 
 def test_help_lists_only_working_commands():
@@ -21,4 +23,4 @@ def test_help_lists_only_working_commands():
     commands = result.output.split("Commands:")[1].split()
     listed = {w for w in commands if w in {"data", "train", "evaluate", "quickstart", "export", "predict",
                                            "explain", "agent", "bench"}}
-    assert listed == {"data", "train", "evaluate", "quickstart"}
+    assert listed == {"data", "train", "evaluate", "quickstart", "export"}
