@@ -7,6 +7,7 @@ and an existing bundle is replaced only by a complete new one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import logging
@@ -52,6 +53,7 @@ class ExportOptions:
     quant: QuantSettings = field(default_factory=QuantSettings)
     calibration_cases: int = 64
     fuse: bool = True
+    fp32_copy: Path | None = None  # also write the student's FP32 graphs as a bundle here
     gate: Gate = field(default_factory=Gate)
     batch_size: int = 32
     device: str = "auto"
@@ -136,8 +138,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
                   data: str | Path | None = None, eval_data: str | Path | None = None,
                   calibration: str | Path | None = None, force: bool = False) -> ExportResult:
     out = Path(out)
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise InputError("bundle already exists", path=out, hint="choose another --out or pass --force")
+    for target in (out, options.fp32_copy):
+        if target is not None and target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
+            raise InputError("bundle already exists", path=target, hint="choose another --out or pass --force")
     seed_everything(options.seed)
     device = resolve_device(options.device)
     ckpt = load_checkpoint(checkpoint)
@@ -195,38 +198,53 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         specs = export_graphs(student, fp32)
         calib_data = read_dataset(calibration) if calibration else train
         feeds = _feeds(ckpt, calib_data, options.calibration_cases)
-        fusions = {}
-        with staged_dir(out, force=True, what="bundle") as staged:
-            for name, spec in specs.items():
-                src = fp32 / spec.file
-                if name in FUSION_MODEL_TYPES and options.fuse:
-                    fused = work / spec.file
-                    result = fuse_graph(src, fused, FUSION_MODEL_TYPES[name], list(feeds[name]())[:2])
-                    fusions[name] = {"applied": result.applied, "fused_ops": result.fused_ops}
-                    src = fused
-                if name in FUSION_MODEL_TYPES and options.int8:
-                    quantize_graph(src, staged / spec.file, options.quant, feeds[name])
-                else:
-                    shutil.copyfile(src, staged / spec.file)
-            from safetensors.numpy import save_file
+        fusions, sources = {}, {}
+        for name, spec in specs.items():
+            sources[name] = fp32 / spec.file
+            if name in FUSION_MODEL_TYPES and options.fuse:
+                result = fuse_graph(sources[name], work / spec.file, FUSION_MODEL_TYPES[name], list(feeds[name]())[:2])
+                fusions[name] = {"applied": result.applied, "fused_ops": result.fused_ops}
+                sources[name] = work / spec.file
+        meta = _bundle_meta(ckpt, student, specs, options, fusions, report, checkpoint)
 
-            save_file(_head_state(student), str(staged / HEAD_WEIGHTS))
-            ckpt.tokenizer.save(str(staged / TOKENIZER_FILE))
-            meta = _bundle_meta(ckpt, student, specs, options, fusions, report, checkpoint)
+        with contextlib.ExitStack() as stack:
+            staged = stack.enter_context(staged_dir(out, force=True, what="bundle"))
+            _write_files(staged, specs, sources, options.int8, options, feeds, student, ckpt)
             seal_bundle(staged, meta)
+            extra = {}
+            if options.fp32_copy is not None and options.int8:
+                staged_fp32 = stack.enter_context(staged_dir(options.fp32_copy, force=True, what="bundle"))
+                _write_files(staged_fp32, specs, sources, False, options, feeds, student, ckpt)
+                seal_bundle(staged_fp32, {**meta, "quantization": None})
+                extra["student-onnx-fp32"] = staged_fp32
 
-            # 5. Verify on held-out cases before the bundle is put in place.
-            meta["parity"] = _verify(ckpt, teacher, student, staged, test, options)
+            # 5. Verify on held-out cases before anything is put in place.
+            meta["parity"] = _verify(ckpt, teacher, student, staged, test, options, extra)
             failures = gate_failures(meta["parity"], "bundle", options.gate)
             if failures:
                 raise ParityGateFailed(failures, format_report(meta["parity"]))
             log.info("parity on %d held-out cases:\n%s", len(test), format_report(meta["parity"]))
             meta = seal_bundle(staged, meta)
+            if extra:
+                seal_bundle(extra["student-onnx-fp32"], {**meta, "quantization": None})
     return ExportResult(out, meta)
 
 
+def _write_files(staged: Path, specs: dict, sources: dict[str, Path], int8: bool, options: ExportOptions,
+                 feeds: dict, student: FedMMX, ckpt: Checkpoint) -> None:
+    from safetensors.numpy import save_file
+
+    for name, spec in specs.items():
+        if int8 and name in FUSION_MODEL_TYPES:
+            quantize_graph(sources[name], staged / spec.file, options.quant, feeds[name])
+        else:
+            shutil.copyfile(sources[name], staged / spec.file)
+    save_file(_head_state(student), str(staged / HEAD_WEIGHTS))
+    ckpt.tokenizer.save(str(staged / TOKENIZER_FILE))
+
+
 def _verify(ckpt: Checkpoint, teacher: FedMMX, student: FedMMX, bundle: Path, test: Dataset,
-            options: ExportOptions) -> dict:
+            options: ExportOptions, extra_bundles: dict[str, Path]) -> dict:
     from fedlite.agents.runtime import BundleRuntime
 
     loader = _loader(ckpt, test, options.batch_size, train=False, seed=0)
@@ -235,11 +253,11 @@ def _verify(ckpt: Checkpoint, teacher: FedMMX, student: FedMMX, bundle: Path, te
         "teacher": predict(teacher, loader, device, options.progress, desc="teacher"),
         "student": predict(student, loader, device, options.progress, desc="student"),
     }
-    runtime = BundleRuntime(bundle)
-    pred = runtime.predict_dataset(test, batch_size=options.batch_size, progress=options.progress)
-    outputs["bundle"] = (pred.leukemia_prob, pred.stage_prob)
     teacher.cpu()
     student.cpu()
+    for name, path in {**extra_bundles, "bundle": bundle}.items():
+        pred = BundleRuntime(path).predict_dataset(test, batch_size=options.batch_size, progress=options.progress)
+        outputs[name] = (pred.leukemia_prob, pred.stage_prob)
     cases = loader.dataset
     report = parity_report(cases.leukemia.numpy(), cases.stage.numpy(), outputs)
     report["data"] = str(test.root)

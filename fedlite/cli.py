@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -265,6 +266,8 @@ def export() -> None:
               help="Dataset for static calibration (default: the training cases).")
 @click.option("--calibration-cases", default=64, show_default=True)
 @click.option("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions.")
+@click.option("--keep-fp32", is_flag=True, help="With --int8, also write the student's FP32 graphs as "
+              "a bundle beside it (OUT-fp32), e.g. for `fedlite bench`.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Split directory (train/ + test/) or dataset; default: the checkpoint's training data, "
                    "else the embedded synthetic data.")
@@ -279,7 +282,7 @@ def export() -> None:
 def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | None, no_distill: bool,
                  distill_epochs: int, lr: float, alpha: float, temperature: float, feature_weight: float,
                  prune_fraction: float, prune_layers: int, recovery_epochs: int, quant_mode: str, isa: str,
-                 per_tensor: bool, calibration: Path | None, calibration_cases: int, no_fuse: bool,
+                 per_tensor: bool, calibration: Path | None, calibration_cases: int, no_fuse: bool, keep_fp32: bool,
                  data_dir: Path | None, eval_data: Path | None, max_accuracy_drop: float, max_auc_drop: float,
                  batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
     """Turn the teacher CHECKPOINT into a verified bundle for CPU servers."""
@@ -301,6 +304,8 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
         gate=Gate(max_accuracy_drop=max_accuracy_drop, max_auc_drop=max_auc_drop),
         batch_size=batch_size, device=device, seed=seed, progress=not as_json)
     out = out or checkpoint.parent / "bundle"
+    if keep_fp32:
+        options = dataclasses.replace(options, fp32_copy=out.with_name(out.name + "-fp32"))
     result = export_bundle(checkpoint, out, options, data=data_dir, eval_data=eval_data,
                            calibration=calibration, force=force)
     if as_json:

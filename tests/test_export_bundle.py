@@ -27,7 +27,8 @@ QUICK = dict(distill_config=DistillConfig(epochs=1, batch_size=16), batch_size=1
 def int8_bundle(teacher_run, tmp_path_factory):
     checkpoint, split = teacher_run
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    options = ExportOptions(int8=True, prune=PruneConfig(fraction=0.5, batches=2), gate=LENIENT, **QUICK)
+    options = ExportOptions(int8=True, prune=PruneConfig(fraction=0.5, batches=2), gate=LENIENT,
+                            fp32_copy=out.with_name("bundle-fp32"), **QUICK)
     return export_bundle(checkpoint, out, options, data=split)
 
 
@@ -39,7 +40,11 @@ def test_int8_bundle_is_complete_and_self_describing(int8_bundle, teacher_run):
     assert meta["graphs"]["text_encoder"]["inputs"]["input_ids"] == ["batch", "sequence"]
     assert meta["stage_names"] == list(read_dataset(teacher_run[1] / "test").info.stage_names)
     assert meta["export"]["prune"]["parameters_after"] < meta["export"]["prune"]["parameters_before"]
-    assert set(meta["parity"]["models"]) == {"teacher", "student", "bundle"}
+    assert set(meta["parity"]["models"]) == {"teacher", "student", "student-onnx-fp32", "bundle"}
+    fp32 = verify_bundle(int8_bundle.bundle.with_name("bundle-fp32"))
+    assert fp32["quantization"] is None and fp32["parity"] == meta["parity"]
+    student, onnx_fp32 = meta["parity"]["models"]["student"], meta["parity"]["models"]["student-onnx-fp32"]
+    assert onnx_fp32["accuracy"] == student["accuracy"] and onnx_fp32["auc"] == pytest.approx(student["auc"], abs=1e-3)
     assert 0 <= meta["parity"]["models"]["bundle"]["case_agreement"] <= 1
     for graph in ("image_encoder.onnx", "text_encoder.onnx"):
         assert op_counts(int8_bundle.bundle / graph).get("MatMulInteger", 0) > 0
