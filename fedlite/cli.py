@@ -327,6 +327,44 @@ def export_verify(bundle: Path) -> None:
                f"preset {meta['preset']})")
 
 
+def _int_list(value: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{name} must be comma-separated integers, got {value!r}") from None
+    if not values or min(values) < 1:
+        raise InputError(f"{name} needs positive integers, got {value!r}")
+    return values
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--teacher", type=click.Path(path_type=Path), default=None,
+              help="Teacher checkpoint: adds torch FP32, ONNX FP32 and ONNX INT8 teacher baselines.")
+@click.option("--student-fp32", type=click.Path(path_type=Path), default=None,
+              help="FP32 bundle of the same student (default: BUNDLE-fp32 if present).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Cases to time (dataset or split dir); default: the bundle's verification data.")
+@click.option("--threads", default="1,2", show_default=True, help="Intra-op thread counts.")
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes for throughput.")
+@click.option("--runs", default=100, show_default=True, help="Timed single-stream runs per repeat.")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-report"), show_default=True)
+def bench(bundle: Path, teacher: Path | None, student_fp32: Path | None, data_dir: Path | None, threads: str,
+          batches: str, runs: int, repeats: int, out: Path) -> None:
+    """CPU latency, throughput and memory of BUNDLE beside the teacher baselines, accuracy beside speed."""
+    from fedlite.bench.report import write_report
+    from fedlite.bench.runner import BenchSettings, run_bench
+
+    settings = BenchSettings(threads=_int_list(threads, "--threads"), batches=_int_list(batches, "--batch"),
+                             runs=runs, repeats=repeats)
+    report = run_bench(bundle, teacher=teacher, student_fp32=student_fp32, data=data_dir, settings=settings,
+                       work=out / "work")
+    paths = write_report(report, out)
+    click.echo(paths["markdown"].read_text(encoding="utf-8"))
+    click.echo(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("fedlite-quickstart"), show_default=True)
 @click.option("--cases", default=1600, show_default=True)

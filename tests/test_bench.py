@@ -1,0 +1,99 @@
+"""`fedlite bench`: statistics, per-configuration process isolation, and the report writers."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fedlite.bench.report import markdown, write_report
+from fedlite.bench.runner import BenchSettings, Variant, measure, run_bench, timing_cases
+from fedlite.bench.stats import latency_summary, ratio, repeated_summary
+from fedlite.cli import main
+from fedlite.export.parity import Gate
+from fedlite.export.pipeline import ExportOptions, export_bundle
+from fedlite.export.prune import PruneConfig
+
+TINY = BenchSettings(threads=(1,), batches=(1, 2), runs=5, repeats=2, warmup=2, cases=4)
+
+
+def test_latency_percentiles_match_numpy_on_known_samples():
+    samples = np.arange(1, 101, dtype=float)
+    s = latency_summary(samples)
+    assert (s["p50"], s["p90"], s["p95"], s["p99"]) == pytest.approx((50.5, 90.1, 95.05, 99.01))
+    assert s["mean"] == 50.5 and s["std"] == pytest.approx(np.std(samples, ddof=1)) and s["n"] == 100
+    rng = np.random.default_rng(0)
+    skewed = rng.lognormal(size=1000)
+    assert latency_summary(skewed)["p99"] == pytest.approx(np.percentile(skewed, 99))
+    with pytest.raises(ValueError):
+        latency_summary([])
+
+
+def test_repeats_are_pooled_and_their_spread_reported():
+    s = repeated_summary([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]])
+    assert s["p50_per_repeat"] == [2.0, 4.0] and s["p50_spread"] == pytest.approx(1.0)
+    assert s["n"] == 6 and s["p50"] == pytest.approx(np.percentile([1, 2, 3, 2, 4, 6], 50))
+    assert ratio(10.0, 2.0) == 5.0 and ratio(None, 2.0) is None and ratio(1.0, 0.0) is None
+
+
+@pytest.fixture(scope="module")
+def small_bundle(teacher_run, tmp_path_factory):
+    checkpoint, split = teacher_run
+    out = tmp_path_factory.mktemp("bench") / "bundle"
+    options = ExportOptions(distill=False, prune=PruneConfig(fraction=0.0), int8=True, progress=False,
+                            gate=Gate(max_accuracy_drop=100.0, max_auc_drop=1.0), batch_size=16)
+    return export_bundle(checkpoint, out, options, data=split).bundle
+
+
+def test_memory_is_measured_in_a_fresh_process_of_its_own(small_bundle, teacher_run):
+    ballast = np.ones(600 * 2**20 // 8)  # the parent holds 600 MB; a child must not report it
+    cases = timing_cases(teacher_run[1] / "test", 3)
+    result = measure(Variant("b", "bundle", small_bundle, "", 0), 1, cases, TINY)
+    assert ballast.sum() > 0
+    assert result["heavy_modules_loaded"] == []
+    assert 20 < result["peak_rss_mb"] < 400
+    assert result["latency_ms"]["n"] == TINY.runs * TINY.repeats
+    assert [t["batch"] for t in result["throughput"]] == [1, 2]
+    torch_result = measure(Variant("t", "torch", teacher_run[0], "", 0), 1, cases, TINY)
+    assert "torch" in torch_result["heavy_modules_loaded"]
+    assert torch_result["peak_rss_mb"] > result["peak_rss_mb"]
+
+
+def test_bench_report_compares_the_bundle_with_every_teacher_baseline(small_bundle, teacher_run, tmp_path):
+    report = run_bench(small_bundle, teacher=teacher_run[0], data=teacher_run[1], settings=TINY,
+                       work=tmp_path / "work", progress=False)
+    assert list(report["variants"]) == ["teacher-torch-fp32", "teacher-onnx-fp32", "teacher-onnx-int8",
+                                        "student-onnx-int8"]
+    for variant in report["variants"].values():
+        assert variant["quality"]["accuracy"] is not None and variant["disk_bytes"] > 0
+        assert set(variant["1"]["stage_latency_ms"]) == {"preprocess", "tokenize", "image_encoder",
+                                                          "text_encoder", "head"}
+    ratios = report["ratios"][0]
+    torch_p50 = report["variants"]["teacher-torch-fp32"]["1"]["latency_ms"]["p50"]
+    int8_p50 = report["variants"]["student-onnx-int8"]["1"]["latency_ms"]["p50"]
+    assert ratios["p50_speedup_vs_teacher_torch_fp32"] == pytest.approx(torch_p50 / int8_p50)
+
+    paths = write_report(report, tmp_path / "out")
+    assert json.loads(paths["json"].read_text())["ratios"] == report["ratios"]
+    text = paths["markdown"].read_text()
+    for name in report["variants"]:
+        assert f"| {name} |" in text
+    assert "## Throughput" in text and "≥ 10×" in text
+    assert paths["plot"].stat().st_size > 5000
+
+
+def test_markdown_marks_missing_measurements_instead_of_inventing_them():
+    report = {"machine": {"cpu": "cpu", "architecture": "x86_64", "logical_cores": 2, "physical_cores": 2,
+                          "memory_gb": 8, "int8_instruction_sets": [], "versions": {"onnxruntime": "1", "torch": None}},
+              "settings": {"threads": [1], "batches": [1], "runs": 1, "repeats": 1, "warmup": 0, "cases_timed": 1,
+                           "timing_data": "d", "session": "s"},
+              "variants": {}, "ratios": [{"threads": 1, "p50_speedup_vs_teacher_torch_fp32": None,
+                                          "p50_speedup_vs_teacher_onnx_int8": None,
+                                          "size_ratio_vs_teacher_checkpoint": None, "student_int8_peak_rss_mb": None}]}
+    text = markdown(report)
+    assert "| 1 | p50 speedup vs teacher torch fp32 | – | ≥ 10× |" in text
+
+
+def test_bench_command_rejects_bad_thread_lists(small_bundle):
+    result = CliRunner().invoke(main, ["bench", str(small_bundle), "--threads", "two"])
+    assert result.exit_code == 2 and "--threads" in result.output
