@@ -31,7 +31,8 @@ from fedlite.export.bundle import HEAD_WEIGHTS, seal_bundle
 from fedlite.export.distill import DistillConfig, distill, distillation_loss, forward_with_fused
 from fedlite.export.graphs import OPSET, export_graphs
 from fedlite.export.parity import Gate, ParityGateFailed, format_report, gate_failures, parity_report
-from fedlite.export.prune import PruneConfig, count_parameters, describe_architecture, prune_model, score_importance
+from fedlite.export.prune import (PruneConfig, count_parameters, describe_architecture, prune_model,
+                                  score_importance, trim_vocabulary)
 from fedlite.export.quantize import QuantSettings, fuse_graph, quantize_graph
 from fedlite.export.student import default_student, make_student
 from fedlite.model import FedMMX
@@ -190,6 +191,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
                                              progress=options.progress).to_dict()
         student = student.cpu().eval()
         teacher = teacher.cpu().eval()
+        report["vocabulary"] = trim_vocabulary(student, ckpt.tokenizer.get_vocab_size())
 
         # 3-4. ONNX graphs, ORT fusions, INT8.
         fp32, work = scratch / "fp32", scratch / "work"

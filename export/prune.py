@@ -186,3 +186,23 @@ def prune_model(model: FedMMX, importance: Importance, config: PruneConfig) -> P
                 _drop_layers(model, name, keep)
     return PruneReport(config.fraction, removed, params_before, count_parameters(model),
                        before, describe_architecture(model))
+
+
+def trim_vocabulary(model: FedMMX, tokenizer_size: int) -> dict:
+    """Drop word-embedding rows no token id of the tokenizer can reach (ids ≥ its vocabulary size).
+
+    Lossless: every note still maps to the same vectors. It matters when the encoder's table is
+    larger than the tokenizer's vocabulary (fedlite's built-in 1490-token vocabulary in a
+    28996-row table), where the unused rows would dominate the bundle's size.
+    """
+    embeddings = model.text_encoder.embeddings.word_embeddings
+    rows = embeddings.num_embeddings
+    if tokenizer_size >= rows:
+        return {"rows_before": rows, "rows_after": rows}
+    trimmed = nn.Embedding(tokenizer_size, embeddings.embedding_dim, padding_idx=embeddings.padding_idx
+                           if embeddings.padding_idx is not None and embeddings.padding_idx < tokenizer_size else None)
+    with torch.no_grad():
+        trimmed.weight.copy_(embeddings.weight[:tokenizer_size])
+    model.text_encoder.embeddings.word_embeddings = trimmed
+    model.text_encoder.config.vocab_size = tokenizer_size
+    return {"rows_before": rows, "rows_after": tokenizer_size}

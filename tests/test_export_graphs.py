@@ -140,3 +140,18 @@ def test_importance_picks_the_head_that_matters():
     prune_model(student, importance, PruneConfig(fraction=0.5))
     kept = student.text_encoder.encoder.layer[0].attention.output.dense
     assert torch.equal(kept.weight, dense.weight[:, hd:])
+
+
+def test_trimming_unreachable_vocabulary_rows_changes_no_output(tmp_path):
+    from fedlite.export.prune import trim_vocabulary
+
+    model = _teacher(depth=2)
+    batch = _batch(3, 17)  # ids < 1400
+    before = _torch_outputs(model, batch)
+    assert trim_vocabulary(model, 1400) == {"rows_before": 8192, "rows_after": 1400}
+    assert model.text_encoder.embeddings.word_embeddings.weight.shape[0] == 1400
+    for got, want in zip(_torch_outputs(model, batch)[:2], before[:2]):
+        np.testing.assert_array_equal(got, want)
+    export_graphs(model, tmp_path)
+    np.testing.assert_allclose(_onnx_outputs(tmp_path, batch)[1], before[1], atol=1e-4)
+    assert trim_vocabulary(model, 30000)["rows_after"] == 1400
