@@ -225,7 +225,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
             failures = gate_failures(meta["parity"], "bundle", options.gate)
             if failures:
                 raise ParityGateFailed(failures, format_report(meta["parity"]))
-            log.info("parity on %d held-out cases:\n%s", len(test), format_report(meta["parity"]))
+            log.info("verified on %d held-out cases of %s", len(test), test.root)
             meta = seal_bundle(staged, meta)
             if extra:
                 seal_bundle(extra["student-onnx-fp32"], {**meta, "quantization": None})

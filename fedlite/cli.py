@@ -311,6 +311,15 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
     if as_json:
         click.echo(json.dumps(result.meta, indent=2))
         return
+    from fedlite.export.parity import format_report
+
+    report = result.meta["export"]
+    pruned = report.get("prune")
+    click.echo(f"teacher: {result.meta['teacher']['preset']}, {report['teacher_parameters'] / 1e6:.2f}M parameters; "
+               f"student: {report['student']['name']}"
+               + (f", pruned {pruned['parameters_before'] / 1e6:.2f}M -> {pruned['parameters_after'] / 1e6:.2f}M"
+                  if pruned else ""))
+    click.echo(format_report(result.parity))
     size = sum(f["bytes"] for f in result.meta["files"].values())
     click.echo(f"bundle: {result.bundle} ({size / 1e6:.1f} MB, {result.meta['model']['parameters'] / 1e6:.2f}M "
                f"parameters{', INT8' if int8 else ', FP32'})")
