@@ -336,6 +336,44 @@ def export_verify(bundle: Path) -> None:
                f"preset {meta['preset']})")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="The smear image of one case.")
+@click.option("--text", default=None, help="The case's clinical note.")
+@click.option("--text-file", type=click.Path(path_type=Path), default=None, help="The note, from a UTF-8 file.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Predict every case of this dataset instead (JSON lines to --out).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: DATA/predictions.jsonl.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: up to 4).")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path | None, data_dir: Path | None,
+            out: Path | None, threads: int, batch_size: int, as_json: bool) -> None:
+    """Leukemia and stage for one case (--image with --text or --text-file) or a dataset (--data)."""
+    from fedlite.agents.predict import format_case, predict_case, predict_manifest, read_note_file
+    from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
+    from fedlite.metrics import format_metrics
+
+    single = image is not None or text is not None or text_file is not None
+    if single == (data_dir is not None):
+        raise InputError("give one case (--image and --text/--text-file) or a dataset (--data)")
+    if single and (image is None or (text is None) == (text_file is None)):
+        raise InputError("one case needs --image and exactly one of --text, --text-file")
+    runtime = BundleRuntime(bundle, RuntimeSettings(threads=threads))
+    if single:
+        note = text if text is not None else read_note_file(text_file)
+        result = predict_case(runtime, image, note)
+        click.echo(json.dumps(result, indent=2) if as_json else format_case(result))
+        return
+    summary = predict_manifest(runtime, data_dir, out or data_dir / "predictions.jsonl", batch_size,
+                               progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(format_metrics(summary["metrics"], runtime.stage_names))
+        click.echo(f"\n{summary['cases']} predictions: {summary['out']}")
+
+
 def _int_list(value: str, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in value.split(",") if v.strip())

@@ -10,9 +10,6 @@ from fedlite.bench.report import markdown, write_report
 from fedlite.bench.runner import BenchSettings, Variant, measure, run_bench, timing_cases
 from fedlite.bench.stats import latency_summary, ratio, repeated_summary
 from fedlite.cli import main
-from fedlite.export.parity import Gate
-from fedlite.export.pipeline import ExportOptions, export_bundle
-from fedlite.export.prune import PruneConfig
 
 TINY = BenchSettings(threads=(1,), batches=(1, 2), runs=5, repeats=2, warmup=2, cases=4)
 
@@ -36,19 +33,10 @@ def test_repeats_are_pooled_and_their_spread_reported():
     assert ratio(10.0, 2.0) == 5.0 and ratio(None, 2.0) is None and ratio(1.0, 0.0) is None
 
 
-@pytest.fixture(scope="module")
-def small_bundle(teacher_run, tmp_path_factory):
-    checkpoint, split = teacher_run
-    out = tmp_path_factory.mktemp("bench") / "bundle"
-    options = ExportOptions(distill=False, prune=PruneConfig(fraction=0.0), int8=True, progress=False,
-                            gate=Gate(max_accuracy_drop=100.0, max_auc_drop=1.0), batch_size=16)
-    return export_bundle(checkpoint, out, options, data=split).bundle
-
-
-def test_memory_is_measured_in_a_fresh_process_of_its_own(small_bundle, teacher_run):
+def test_memory_is_measured_in_a_fresh_process_of_its_own(teacher_bundle, teacher_run):
     ballast = np.ones(600 * 2**20 // 8)  # the parent holds 600 MB; a child must not report it
     cases = timing_cases(teacher_run[1] / "test", 3)
-    result = measure(Variant("b", "bundle", small_bundle, "", 0), 1, cases, TINY)
+    result = measure(Variant("b", "bundle", teacher_bundle, "", 0), 1, cases, TINY)
     assert ballast.sum() > 0
     assert result["heavy_modules_loaded"] == []
     assert 20 < result["peak_rss_mb"] < 400
@@ -59,8 +47,8 @@ def test_memory_is_measured_in_a_fresh_process_of_its_own(small_bundle, teacher_
     assert torch_result["peak_rss_mb"] > result["peak_rss_mb"]
 
 
-def test_bench_report_compares_the_bundle_with_every_teacher_baseline(small_bundle, teacher_run, tmp_path):
-    report = run_bench(small_bundle, teacher=teacher_run[0], data=teacher_run[1], settings=TINY,
+def test_bench_report_compares_the_bundle_with_every_teacher_baseline(teacher_bundle, teacher_run, tmp_path):
+    report = run_bench(teacher_bundle, teacher=teacher_run[0], data=teacher_run[1], settings=TINY,
                        work=tmp_path / "work", progress=False)
     assert list(report["variants"]) == ["teacher-torch-fp32", "teacher-onnx-fp32", "teacher-onnx-int8",
                                         "student-onnx-int8"]
@@ -94,6 +82,6 @@ def test_markdown_marks_missing_measurements_instead_of_inventing_them():
     assert "| 1 | p50 speedup vs teacher torch fp32 | – | ≥ 10× |" in text
 
 
-def test_bench_command_rejects_bad_thread_lists(small_bundle):
-    result = CliRunner().invoke(main, ["bench", str(small_bundle), "--threads", "two"])
+def test_bench_command_rejects_bad_thread_lists(teacher_bundle):
+    result = CliRunner().invoke(main, ["bench", str(teacher_bundle), "--threads", "two"])
     assert result.exit_code == 2 and "--threads" in result.output

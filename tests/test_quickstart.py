@@ -23,4 +23,4 @@ def test_help_lists_only_working_commands():
     commands = result.output.split("Commands:")[1].split()
     listed = {w for w in commands if w in {"data", "train", "evaluate", "quickstart", "export", "predict",
                                            "explain", "agent", "bench"}}
-    assert listed == {"data", "train", "evaluate", "quickstart", "export", "bench"}
+    assert listed == {"data", "train", "evaluate", "quickstart", "export", "bench", "predict"}
