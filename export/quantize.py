@@ -1,7 +1,7 @@
 """ONNX Runtime graph fusions and INT8 quantization of the encoder graphs.
 
-Only MatMul/Gemm (and, for static QDQ, the patch Conv) are quantized; LayerNorm, Softmax and GELU
-stay in float. Dynamic quantization computes activation scales per call (no calibration data);
+Only MatMul/Gemm, ORT's fused Attention (its packed QKV weights) and, for static QDQ, the patch
+Conv are quantized; LayerNorm, Softmax and GELU stay in float. Dynamic quantization computes activation scales per call (no calibration data);
 static QDQ fixes them from calibration cases. Instruction-set presets follow optimum's
 AutoQuantizationConfig: VNNI and ARM take signed weights, plain AVX2 unsigned ones.
 The head graph stays FP32: it is a fraction of the compute and the part sites fine-tune.
@@ -34,6 +34,8 @@ ISA_PRESETS = {
     "arm64": ("QInt8", "QUInt8"),
 }
 MODES = ("dynamic", "static")
+DYNAMIC_OPS = ("MatMul", "Gemm", "Attention")
+STATIC_OPS = ("MatMul", "Gemm", "Conv")
 FUSED_OPS = ("Attention", "SkipLayerNormalization", "LayerNormalization", "BiasGelu", "FastGelu", "Gelu",
              "EmbedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
@@ -63,7 +65,7 @@ class QuantSettings:
     def to_dict(self) -> dict:
         weights, activations = ISA_PRESETS[self.isa]
         return {**asdict(self), "weights": weights, "activations": activations,
-                "operators": ["MatMul", "Gemm"] + (["Conv"] if self.mode == "static" else [])}
+                "operators": list(DYNAMIC_OPS if self.mode == "dynamic" else STATIC_OPS)}
 
 
 def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -133,7 +135,7 @@ def quantize_graph(src: Path, dst: Path, settings: QuantSettings,
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
     if settings.mode == "dynamic":
         with _quiet_onnxruntime_tools():
-            quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(DYNAMIC_OPS),
                              per_channel=settings.per_channel, reduce_range=settings.reduce_range,
                              weight_type=settings.weight_type, extra_options=extra)
         return
@@ -143,7 +145,7 @@ def quantize_graph(src: Path, dst: Path, settings: QuantSettings,
     quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
     try:
         quantize_static(str(prepared), str(dst), _Feeds(calibration()), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=settings.per_channel,
+                        op_types_to_quantize=list(STATIC_OPS), per_channel=settings.per_channel,
                         reduce_range=settings.reduce_range, activation_type=settings.activation_type,
                         weight_type=settings.weight_type, extra_options=extra)
     finally:

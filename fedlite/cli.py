@@ -287,13 +287,15 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
                  batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
     """Turn the teacher CHECKPOINT into a verified bundle for CPU servers."""
     from fedlite.export.distill import DistillConfig
-    from fedlite.export.parity import Gate
+    from fedlite.export.parity import Gate, format_report
     from fedlite.export.pipeline import ExportOptions, export_bundle
     from fedlite.export.prune import PruneConfig
     from fedlite.export.quantize import QuantSettings
 
     if not 0 <= prune_fraction < 1:
         raise InputError(f"--prune must be in [0, 1), got {prune_fraction}")
+    if keep_fp32 and not int8:
+        raise InputError("--keep-fp32 keeps an FP32 copy beside an INT8 bundle", hint="add --int8 or drop --keep-fp32")
     options = ExportOptions(
         student=student, distill=not no_distill,
         distill_config=DistillConfig(epochs=distill_epochs, lr=lr, alpha=alpha, temperature=temperature,
@@ -311,8 +313,6 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
     if as_json:
         click.echo(json.dumps(result.meta, indent=2))
         return
-    from fedlite.export.parity import format_report
-
     report = result.meta["export"]
     pruned = report.get("prune")
     click.echo(f"teacher: {result.meta['teacher']['preset']}, {report['teacher_parameters'] / 1e6:.2f}M parameters; "
