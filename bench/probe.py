@@ -152,11 +152,13 @@ def run(spec: dict) -> dict:
         repeats.append(total)
         for name in STAGES:
             stage_runs[name].extend(stages[name])
+    single_stream_peak = peak_rss_mb()  # before large batches grow the activation arena
     return {
         "load_seconds": load_seconds,
         "rss_after_load_mb": rss_after_load,
         "latency_ms": repeated_summary(repeats),
         "stage_latency_ms": {name: latency_summary(v) for name, v in stage_runs.items()},
+        "peak_rss_single_stream_mb": single_stream_peak,
         "throughput": [throughput(engine, cases, b) for b in spec["batches"]],
         "peak_rss_mb": peak_rss_mb(),
         "heavy_modules_loaded": sorted(m for m in ("torch", "timm", "transformers") if m in sys.modules),

@@ -140,7 +140,7 @@ def headline_ratios(results: dict, threads: int) -> dict:
         "p50_speedup_vs_teacher_onnx_int8": ratio(p50("teacher-onnx-int8"), p50(student)),
         "p50_speedup_vs_teacher_onnx_fp32": ratio(p50("teacher-onnx-fp32"), p50(student)),
         "size_ratio_vs_teacher_checkpoint": ratio(disk("teacher-torch-fp32"), disk(student)),
-        "student_int8_peak_rss_mb": (results.get(student, {}).get(str(threads)) or {}).get("peak_rss_mb"),
+        "student_int8_peak_rss_mb": (results.get(student, {}).get(str(threads)) or {}).get("peak_rss_single_stream_mb"),
     }
 
 

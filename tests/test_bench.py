@@ -80,6 +80,7 @@ def test_markdown_marks_missing_measurements_instead_of_inventing_them():
                                           "size_ratio_vs_teacher_checkpoint": None, "student_int8_peak_rss_mb": None}]}
     text = markdown(report)
     assert "| 1 | p50 speedup vs teacher torch fp32 | – | ≥ 10× |" in text
+    assert "| 1 | student INT8 peak RSS, single stream | – | ≤ 400 MB |" in text
 
 
 def test_bench_command_rejects_bad_thread_lists(teacher_bundle):
