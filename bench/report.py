@@ -94,14 +94,16 @@ def plot(report: dict, path: Path) -> None:
         if acc is None:
             continue
         x = v[top]["latency_ms"]["p50"]
-        ax.scatter([x], [acc * 100], s=max(20.0, v["disk_bytes"] / 1e6 * 3), alpha=0.6)
-        ax.annotate(f"{name}\n{v['disk_bytes'] / 1e6:.0f} MB", (x, acc * 100), fontsize=8,
-                    xytext=(5, 5), textcoords="offset points")
+        ax.scatter([x], [acc * 100], s=max(20.0, v["disk_bytes"] / 1e6 * 3), alpha=0.6,
+                   label=f"{name}: {x:.1f} ms, {v['disk_bytes'] / 1e6:.0f} MB")
     ax.set_xscale("log")
     ax.set_xlabel(f"p50 latency per case, ms ({top} threads, log scale)")
     ax.set_ylabel("held-out accuracy, %")
     ax.set_title("latency vs accuracy (marker area ∝ size on disk)")
     ax.grid(alpha=0.3)
+    legend = ax.legend(fontsize=8, loc="best", markerscale=0.5)
+    for handle in legend.legend_handles:  # equal-size legend markers; the plot's areas carry the size
+        handle.set_sizes([30])
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -1,9 +1,10 @@
 """ONNX Runtime graph fusions and INT8 quantization of the encoder graphs.
 
 Only MatMul/Gemm, ORT's fused Attention (its packed QKV weights) and, for static QDQ, the patch
-Conv are quantized; LayerNorm, Softmax and GELU stay in float. Dynamic quantization computes activation scales per call (no calibration data);
-static QDQ fixes them from calibration cases. Instruction-set presets follow optimum's
-AutoQuantizationConfig: VNNI and ARM take signed weights, plain AVX2 unsigned ones.
+Conv are quantized; LayerNorm, Softmax and GELU stay in float. Dynamic quantization computes
+activation scales per call (no calibration data); static QDQ fixes them from calibration cases.
+Instruction-set presets follow optimum's AutoQuantizationConfig: VNNI and ARM take signed weights,
+plain AVX2 unsigned ones.
 The head graph stays FP32: it is a fraction of the compute and the part sites fine-tune.
 """
 
