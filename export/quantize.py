@@ -1,8 +1,9 @@
 """ONNX Runtime graph fusions and INT8 quantization of the encoder graphs.
 
 Only MatMul/Gemm, ORT's fused Attention (its packed QKV weights) and, for static QDQ, the patch
-Conv are quantized; LayerNorm, Softmax and GELU stay in float. Dynamic quantization computes
-activation scales per call (no calibration data); static QDQ fixes them from calibration cases.
+Conv are quantized (the word-embedding table too, if asked); LayerNorm, Softmax and GELU stay in
+float. Dynamic quantization computes activation scales per call (no calibration data); static QDQ
+fixes them from calibration cases.
 Instruction-set presets follow optimum's AutoQuantizationConfig: VNNI and ARM take signed weights,
 plain AVX2 unsigned ones.
 The head graph stays FP32: it is a fraction of the compute and the part sites fine-tune.
@@ -47,6 +48,7 @@ class QuantSettings:
     isa: str = "avx512_vnni"
     per_channel: bool = True
     reduce_range: bool = False
+    embeddings: bool = False  # also the word-embedding table (Gather): a 28996-row vocabulary is 4x smaller
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -54,6 +56,11 @@ class QuantSettings:
         if self.isa not in ISA_PRESETS:
             raise InputError(f"unknown instruction-set preset {self.isa!r}",
                              hint=f"choose one of {', '.join(ISA_PRESETS)}")
+
+    @property
+    def operators(self) -> list[str]:
+        ops = list(DYNAMIC_OPS if self.mode == "dynamic" else STATIC_OPS)
+        return ops + ["Gather"] if self.embeddings else ops
 
     @property
     def weight_type(self) -> QuantType:
@@ -66,7 +73,7 @@ class QuantSettings:
     def to_dict(self) -> dict:
         weights, activations = ISA_PRESETS[self.isa]
         return {**asdict(self), "weights": weights, "activations": activations,
-                "operators": list(DYNAMIC_OPS if self.mode == "dynamic" else STATIC_OPS)}
+                "operators": self.operators}
 
 
 def session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -136,7 +143,7 @@ def quantize_graph(src: Path, dst: Path, settings: QuantSettings,
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
     if settings.mode == "dynamic":
         with _quiet_onnxruntime_tools():
-            quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(DYNAMIC_OPS),
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=settings.operators,
                              per_channel=settings.per_channel, reduce_range=settings.reduce_range,
                              weight_type=settings.weight_type, extra_options=extra)
         return
@@ -146,7 +153,7 @@ def quantize_graph(src: Path, dst: Path, settings: QuantSettings,
     quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
     try:
         quantize_static(str(prepared), str(dst), _Feeds(calibration()), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(STATIC_OPS), per_channel=settings.per_channel,
+                        op_types_to_quantize=settings.operators, per_channel=settings.per_channel,
                         reduce_range=settings.reduce_range, activation_type=settings.activation_type,
                         weight_type=settings.weight_type, extra_options=extra)
     finally:

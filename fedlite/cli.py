@@ -262,6 +262,8 @@ def export() -> None:
 @click.option("--isa", type=click.Choice(["avx512_vnni", "avx2", "arm64"]), default="avx512_vnni", show_default=True,
               help="Instruction set the INT8 graphs target.")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
+@click.option("--quantize-embeddings", is_flag=True, help="Also store the word-embedding table in INT8 "
+              "(worth it with large vocabularies; fedlite's built-in one is trimmed to 1490 rows anyway).")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Dataset for static calibration (default: the training cases).")
 @click.option("--calibration-cases", default=64, show_default=True)
@@ -282,7 +284,8 @@ def export() -> None:
 def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | None, no_distill: bool,
                  distill_epochs: int, lr: float, alpha: float, temperature: float, feature_weight: float,
                  prune_fraction: float, prune_layers: int, recovery_epochs: int, quant_mode: str, isa: str,
-                 per_tensor: bool, calibration: Path | None, calibration_cases: int, no_fuse: bool, keep_fp32: bool,
+                 per_tensor: bool, quantize_embeddings: bool, calibration: Path | None, calibration_cases: int,
+                 no_fuse: bool, keep_fp32: bool,
                  data_dir: Path | None, eval_data: Path | None, max_accuracy_drop: float, max_auc_drop: float,
                  batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
     """Turn the teacher CHECKPOINT into a verified bundle for CPU servers."""
@@ -301,7 +304,8 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
         distill_config=DistillConfig(epochs=distill_epochs, lr=lr, alpha=alpha, temperature=temperature,
                                      feature_weight=feature_weight, batch_size=batch_size),
         prune=PruneConfig(fraction=prune_fraction, layers=prune_layers), recovery_epochs=recovery_epochs,
-        int8=int8, quant=QuantSettings(mode=quant_mode, isa=isa, per_channel=not per_tensor),
+        int8=int8, quant=QuantSettings(mode=quant_mode, isa=isa, per_channel=not per_tensor,
+                                       embeddings=quantize_embeddings),
         calibration_cases=calibration_cases, fuse=not no_fuse,
         gate=Gate(max_accuracy_drop=max_accuracy_drop, max_auc_drop=max_auc_drop),
         batch_size=batch_size, device=device, seed=seed, progress=not as_json)

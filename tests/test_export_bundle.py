@@ -121,6 +121,16 @@ def test_static_qdq_quantization_with_calibration_stays_close(teacher_run, tmp_p
     assert result.meta["quantization"]["weights"] == "QUInt8"
 
 
+def test_quantized_embeddings_stay_close(teacher_run, tmp_path):
+    checkpoint, split = teacher_run
+    options = ExportOptions(distill=False, prune=PruneConfig(fraction=0.0), int8=True, fuse=False,
+                            quant=QuantSettings(embeddings=True), gate=LENIENT, batch_size=16, progress=False)
+    result = export_bundle(checkpoint, tmp_path / "emb", options, data=split)
+    assert "Gather" in result.meta["quantization"]["operators"]
+    assert op_counts(result.bundle / "text_encoder.onnx").get("DequantizeLinear", 0) > 0
+    assert result.parity["models"]["bundle"]["leukemia_agreement"] >= 0.9
+
+
 def test_the_gate_refuses_a_broken_export_and_keeps_the_old_bundle(teacher_run, tmp_path, monkeypatch):
     checkpoint, split = teacher_run
     out = tmp_path / "bundle"
