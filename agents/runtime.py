@@ -17,7 +17,7 @@ import onnxruntime as ort
 from fedlite.data.images import preprocess_image
 from fedlite.data.manifest import Dataset
 from fedlite.export.bundle import read_bundle_meta, verify_bundle
-from fedlite.text import encode_notes, load_tokenizer, pad_id
+from fedlite.text import encode_notes, load_tokenizer, pad_id, pad_token_ids
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,7 @@ class BundleRuntime:
     def tokenize(self, notes: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         """Token ids and attention mask padded to the longest note; also how many notes were cut."""
         encoded = encode_notes(self.tokenizer, notes, self.max_length)
-        longest = max(len(ids) for ids in encoded.ids)
-        ids = np.full((len(notes), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(notes), longest), dtype=np.int64)
-        for row, seq in enumerate(encoded.ids):
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
+        ids, mask = pad_token_ids(encoded.ids, self.pad_id)
         return ids, mask, encoded.truncated
 
     def embed_images(self, pixels: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlite.bench.stats import latency_summary, repeated_summary
+from fedlite.text import encode_notes, pad_token_ids
 
 STAGES = ("preprocess", "tokenize", "image_encoder", "text_encoder", "head")
 
@@ -51,7 +52,7 @@ class TorchEngine:
 
         from fedlite.checkpoint import load_checkpoint
         from fedlite.data.images import preprocess_image
-        from fedlite.text import encode_notes, pad_id
+        from fedlite.text import pad_id
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -60,19 +61,12 @@ class TorchEngine:
         self.tokenizer, self.max_length, self.pad = ckpt.tokenizer, ckpt.max_length, pad_id(ckpt.tokenizer)
         prep = ckpt.meta["preprocessing"]
         self._pre = lambda p: preprocess_image(p, prep["image_size"], prep["mean"], prep["std"])
-        self._encode = encode_notes
 
     def preprocess(self, paths):
         return np.stack([self._pre(p) for p in paths])
 
     def tokenize(self, notes):
-        ids = self._encode(self.tokenizer, notes, self.max_length).ids
-        longest = max(len(s) for s in ids)
-        out = np.full((len(ids), longest), self.pad, dtype=np.int64)
-        mask = np.zeros_like(out)
-        for i, s in enumerate(ids):
-            out[i, : len(s)], mask[i, : len(s)] = s, 1
-        return out, mask
+        return pad_token_ids(encode_notes(self.tokenizer, notes, self.max_length).ids, self.pad)
 
     def image(self, pixels):
         with self.torch.inference_mode():

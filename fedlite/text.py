@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
@@ -87,3 +88,14 @@ def encode_notes(tokenizer: Tokenizer, texts: list[str], max_length: int) -> Enc
 def pad_id(tokenizer: Tokenizer) -> int:
     pid = tokenizer.token_to_id("[PAD]")
     return 0 if pid is None else pid
+
+
+def pad_token_ids(sequences: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids padded to the longest sequence, and the attention mask (int64, as the encoders take)."""
+    longest = max(len(seq) for seq in sequences)
+    ids = np.full((len(sequences), longest), pad, dtype=np.int64)
+    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask

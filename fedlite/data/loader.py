@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
 from fedlite.data.images import IMAGE_SIZE, MEAN, STD, preprocess_image
 from fedlite.data.manifest import Dataset
-from fedlite.text import encode_notes, pad_id
+from fedlite.text import encode_notes, pad_id, pad_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +86,7 @@ class CaseDataset(torch.utils.data.Dataset):
         if self.use_image:
             batch["pixels"] = torch.stack([i["pixels"] for i in items])
         if self.token_ids is not None:
-            longest = max(len(i["input_ids"]) for i in items)
-            ids = np.full((len(items), longest), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(items), longest), dtype=np.int64)
-            for row, item in enumerate(items):
-                ids[row, : len(item["input_ids"])] = item["input_ids"]
-                mask[row, : len(item["input_ids"])] = 1
+            ids, mask = pad_token_ids([i["input_ids"] for i in items], self.pad_id)
             batch["input_ids"] = torch.from_numpy(ids)
             batch["attention_mask"] = torch.from_numpy(mask)
         return batch
