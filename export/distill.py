@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fedlite.model import FedMMX, FedMMXOutput, multitask_loss
-from fedlite.training import autocast_for, set_linear_lr, to_device
+from fedlite.training import autocast_for, forward_batch, set_linear_lr, to_device
 
 
 @dataclass(frozen=True)
@@ -32,23 +32,6 @@ class DistillConfig:
     batch_size: int = 32
 
 
-@dataclass
-class Outputs:
-    """Logits and the fused representation r of one forward pass."""
-
-    leukemia_logits: torch.Tensor
-    stage_logits: torch.Tensor
-    fused: torch.Tensor
-
-
-def forward_with_fused(model: FedMMX, batch: dict) -> Outputs:
-    z = model.encode_image(batch["pixels"]) if model.config.uses_image else None
-    h = model.encode_text(batch["input_ids"], batch["attention_mask"]) if model.config.uses_text else None
-    r = model.fusion([e for e in (z, h) if e is not None])
-    dropped = model.dropout(r)
-    return Outputs(model.leukemia_head(dropped), model.stage_head(dropped), r)
-
-
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-case KL(teacher ‖ student) of the temperature-softened distributions."""
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
@@ -56,10 +39,9 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
 
 
-def distillation_loss(student: Outputs, teacher: Outputs, batch: dict, config: DistillConfig,
+def distillation_loss(student: FedMMXOutput, teacher: FedMMXOutput, batch: dict, config: DistillConfig,
                       projection: nn.Module | None = None) -> torch.Tensor:
-    hard, _ = multitask_loss(FedMMXOutput(student.leukemia_logits, student.stage_logits),
-                             batch["leukemia"], batch["stage"], config.gamma)
+    hard, _ = multitask_loss(student, batch["leukemia"], batch["stage"], config.gamma)
     t2 = config.temperature ** 2
     kl_leukemia = soft_kl(student.leukemia_logits, teacher.leukemia_logits, config.temperature).mean()
     positive = (batch["stage"] >= 0).float()
@@ -113,8 +95,8 @@ def distill(student: FedMMX, teacher: FedMMX, loader: DataLoader, config: Distil
             set_linear_lr(optimizer, config.lr, 0.0, step, total)
             with autocast_for(device):
                 with torch.no_grad():
-                    target = forward_with_fused(teacher, batch)
-                loss = distillation_loss(forward_with_fused(student, batch), target, batch, config, projection)
+                    target = forward_batch(teacher, batch)
+                loss = distillation_loss(forward_batch(student, batch), target, batch, config, projection)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -28,7 +28,7 @@ from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import Dataset, read_dataset
 from fedlite.errors import InputError
 from fedlite.export.bundle import HEAD_WEIGHTS, seal_bundle
-from fedlite.export.distill import DistillConfig, distill, distillation_loss, forward_with_fused
+from fedlite.export.distill import DistillConfig, distill, distillation_loss
 from fedlite.export.graphs import OPSET, export_graphs
 from fedlite.export.parity import Gate, ParityGateFailed, format_report, gate_failures, parity_report
 from fedlite.export.prune import (PruneConfig, count_parameters, describe_architecture, prune_model,
@@ -37,7 +37,7 @@ from fedlite.export.quantize import QuantSettings, fuse_graph, quantize_graph
 from fedlite.export.student import default_student, make_student
 from fedlite.model import FedMMX
 from fedlite.text import TOKENIZER_FILE
-from fedlite.training import predict, resolve_device, to_device
+from fedlite.training import forward_batch, predict, resolve_device, to_device
 
 log = logging.getLogger(__name__)
 FUSION_MODEL_TYPES = {"image_encoder": "vit", "text_encoder": "bert"}
@@ -180,8 +180,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
             def loss_of(batch: dict) -> torch.Tensor:
                 batch = to_device(batch, device)
                 with torch.no_grad():
-                    target = forward_with_fused(teacher, batch)
-                return distillation_loss(forward_with_fused(student, batch), target, batch, dcfg)
+                    target = forward_batch(teacher, batch)
+                return distillation_loss(forward_batch(student, batch), target, batch, dcfg)
 
             importance = score_importance(student, islice(iter(train_loader), prune.batches), loss_of)
             report["prune"] = prune_model(student, importance, prune).to_dict()

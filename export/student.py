@@ -85,13 +85,12 @@ def make_student(teacher: FedMMX, student: str) -> tuple[FedMMX, StudentInit]:
     source = teacher.state_dict()
     state = model.state_dict()
     copied = 0
-    with torch.no_grad():
+    with torch.no_grad():  # state_dict() tensors share the model's storage: copying into them loads them
         for key, tensor in state.items():
             origin = source.get(_teacher_key(key, image_map, text_map))
             if origin is not None and origin.shape == tensor.shape:
                 tensor.copy_(origin)
                 copied += 1
-    model.load_state_dict(state)
     init = StudentInit(copied, len(state) - copied, image_layers, text_layers)
     model.config = replace(config, init={"student_of": teacher.config.preset, **init.to_dict()})
     if init.random:

@@ -81,6 +81,7 @@ class GatedFusion(nn.Module):
 class FedMMXOutput:
     leukemia_logits: torch.Tensor
     stage_logits: torch.Tensor
+    fused: torch.Tensor | None = None  # r, before dropout: what distillation can match
 
 
 class FedMMX(nn.Module):
@@ -115,9 +116,9 @@ class FedMMX(nn.Module):
 
     def classify(self, z: torch.Tensor | None, h: torch.Tensor | None) -> FedMMXOutput:
         """Fusion and heads on precomputed embeddings (what the exported head graph computes)."""
-        parts = [e for e in (z, h) if e is not None]
-        r = self.dropout(self.fusion(parts))
-        return FedMMXOutput(self.leukemia_head(r), self.stage_head(r))
+        r = self.fusion([e for e in (z, h) if e is not None])
+        dropped = self.dropout(r)
+        return FedMMXOutput(self.leukemia_head(dropped), self.stage_head(dropped), r)
 
     def forward(self, pixels: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> FedMMXOutput:

@@ -205,10 +205,10 @@ def test_pruned_student_stays_close_to_the_teacher_after_recovery(teacher_run):
 
     from fedlite.checkpoint import load_checkpoint
     from fedlite.data.loader import CaseDataset, make_loader
-    from fedlite.export.distill import distill, distillation_loss, forward_with_fused
+    from fedlite.export.distill import distill, distillation_loss
     from fedlite.export.parity import agreement
     from fedlite.export.prune import prune_model, score_importance
-    from fedlite.training import predict
+    from fedlite.training import forward_batch, predict
 
     torch.manual_seed(0)
     checkpoint, split = teacher_run
@@ -223,7 +223,7 @@ def test_pruned_student_stays_close_to_the_teacher_after_recovery(teacher_run):
     cfg = DistillConfig(epochs=2, lr=1e-3)
     importance = score_importance(
         student, islice(iter(loaders["train"]), 3),
-        lambda b: distillation_loss(forward_with_fused(student, b), forward_with_fused(teacher, b), b, cfg))
+        lambda b: distillation_loss(forward_batch(student, b), forward_batch(teacher, b), b, cfg))
     report = prune_model(student, importance, PruneConfig(fraction=0.5))
     assert report.parameters_after < 0.9 * report.parameters_before
     pruned = agreement(reference, predict(student, loaders["test"], cpu))
