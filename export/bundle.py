@@ -37,11 +37,16 @@ def _content_hash(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def seal_bundle(directory: Path, meta: dict) -> dict:
-    """Hash every file in ``directory`` into ``meta['files']`` and write ``bundle.json``."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    meta = {**meta, "format": FORMAT,
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}}
+def seal_bundle(directory: Path, meta: dict, files: dict | None = None) -> dict:
+    """Hash every file in ``directory`` into ``meta['files']`` and write ``bundle.json``.
+
+    ``files``: hashes from an earlier seal of the same, unchanged files, when only the manifest's
+    content changes (the parity report is added after the sealed bundle was verified).
+    """
+    if files is None:
+        paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+    meta = {**meta, "format": FORMAT, "files": files}
     meta[SELF_HASH] = _content_hash(meta)
     (directory / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta

@@ -212,12 +212,12 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         with contextlib.ExitStack() as stack:
             staged = stack.enter_context(staged_dir(out, force=True, what="bundle"))
             _write_files(staged, specs, sources, options.int8, options, feeds, student, ckpt)
-            seal_bundle(staged, meta)
-            extra = {}
+            files = seal_bundle(staged, meta)["files"]
+            extra, extra_files = {}, {}
             if options.fp32_copy is not None and options.int8:
                 staged_fp32 = stack.enter_context(staged_dir(options.fp32_copy, force=True, what="bundle"))
                 _write_files(staged_fp32, specs, sources, False, options, feeds, student, ckpt)
-                seal_bundle(staged_fp32, {**meta, "quantization": None})
+                extra_files = seal_bundle(staged_fp32, {**meta, "quantization": None})["files"]
                 extra["student-onnx-fp32"] = staged_fp32
 
             # 5. Verify on held-out cases before anything is put in place.
@@ -226,9 +226,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
             if failures:
                 raise ParityGateFailed(failures, format_report(meta["parity"]))
             log.info("verified on %d held-out cases of %s", len(test), test.root)
-            meta = seal_bundle(staged, meta)
+            meta = seal_bundle(staged, meta, files)
             if extra:
-                seal_bundle(extra["student-onnx-fp32"], {**meta, "quantization": None})
+                seal_bundle(extra["student-onnx-fp32"], {**meta, "quantization": None}, extra_files)
     return ExportResult(out, meta)
 
 
