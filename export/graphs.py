@@ -64,13 +64,14 @@ class GraphSpec:
         return {"file": self.file, "inputs": self.inputs, "outputs": self.outputs}
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: dict[str, list], outputs: dict[str, list]) -> None:
+def _export(module: nn.Module, args: tuple, out_dir: Path, spec: GraphSpec) -> None:
     dynamic = {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
-               for name, shape in {**inputs, **outputs}.items()}
+               for name, shape in {**spec.inputs, **spec.outputs}.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shapes used as Python values
-        torch.onnx.export(module.eval(), args, str(path), input_names=list(inputs), output_names=list(outputs),
-                          dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(module.eval(), args, str(out_dir / spec.file), input_names=list(spec.inputs),
+                          output_names=list(spec.outputs), dynamic_axes=dynamic, opset_version=OPSET,
+                          do_constant_folding=True, dynamo=False)
 
 
 def export_graphs(model: FedMMX, out_dir: Path) -> dict[str, GraphSpec]:
@@ -95,10 +96,7 @@ def export_graphs(model: FedMMX, out_dir: Path) -> dict[str, GraphSpec]:
     mask = torch.ones((2, 16), dtype=torch.long)
     mask[1, 10:] = 0  # a padded row, so the mask path is traced, not constant-folded
     with torch.no_grad():
-        _export(ImageEncoderGraph(model), (torch.zeros(2, 3, size, size),), out_dir / IMAGE_GRAPH,
-                specs["image_encoder"].inputs, specs["image_encoder"].outputs)
-        _export(TextEncoderGraph(model), (ids, mask), out_dir / TEXT_GRAPH,
-                specs["text_encoder"].inputs, specs["text_encoder"].outputs)
-        _export(HeadGraph(model), (torch.zeros(2, z_dim), torch.zeros(2, h_dim)), out_dir / HEAD_GRAPH,
-                specs["head"].inputs, specs["head"].outputs)
+        _export(ImageEncoderGraph(model), (torch.zeros(2, 3, size, size),), out_dir, specs["image_encoder"])
+        _export(TextEncoderGraph(model), (ids, mask), out_dir, specs["text_encoder"])
+        _export(HeadGraph(model), (torch.zeros(2, z_dim), torch.zeros(2, h_dim)), out_dir, specs["head"])
     return specs
