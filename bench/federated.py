@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from fedlite.atomic import atomic_write_text
 from fedlite.federated.config import FederatedConfig
 
 
@@ -76,7 +77,7 @@ def main(split_dir: Path, preset: str, rounds: int, freeze_rounds: int, local_ep
     tokens = sum(len(ids) for ids in encode_notes(builtin_tokenizer(), notes, 512).ids) / len(notes)
     report = summarize(history, training_flops_per_sample(preset, "both", tokens), len(split.sites))
     report.update(preset=preset, sites=len(split.sites), local_epochs=local_epochs, mean_tokens=tokens)
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
     click.echo(json.dumps(report, indent=2))
 
 

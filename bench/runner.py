@@ -54,24 +54,23 @@ def _quality(parity: dict, name: str) -> dict:
     return {k: model[k] for k in HEADLINE if k in model}
 
 
-def _bundle_bytes(path: Path) -> int:
-    return sum(f["bytes"] for f in verify_bundle(path)["files"].values())
+def _bundle_bytes(meta: dict) -> int:
+    return sum(f["bytes"] for f in meta["files"].values())
 
 
 def _checkpoint_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def bundle_variants(bundle: Path, student_fp32: Path | None) -> list[Variant]:
-    meta = verify_bundle(bundle)
+def bundle_variants(bundle: Path, meta: dict, student_fp32: Path | None) -> list[Variant]:
     parity = meta.get("parity", {})
     quant = meta.get("quantization")
     label = "INT8" if quant else "FP32"
     variants = [Variant(f"student-onnx-{label.lower()}", "bundle", bundle, f"the bundle ({meta['preset']}, {label})",
-                        _bundle_bytes(bundle), _quality(parity, "bundle"))]
+                        _bundle_bytes(meta), _quality(parity, "bundle"))]
     if student_fp32 is not None and student_fp32.is_dir():
         variants.append(Variant("student-onnx-fp32", "bundle", student_fp32, "the same student, FP32 ONNX",
-                                _bundle_bytes(student_fp32),
+                                _bundle_bytes(verify_bundle(student_fp32)),
                                 _quality(parity, "student-onnx-fp32") or _quality(parity, "student")))
     return variants
 
@@ -93,10 +92,10 @@ def teacher_variants(teacher: Path, work: Path, data: Path | None, bundle_parity
         Variant("teacher-torch-fp32", "torch", teacher, "the teacher checkpoint in torch FP32",
                 _checkpoint_bytes(teacher), torch_quality),
         Variant("teacher-onnx-fp32", "bundle", fp32_dir, "the teacher exported to ONNX FP32 with ORT fusions",
-                _bundle_bytes(fp32_dir), _quality(parity, "student-onnx-fp32")),
+                _bundle_bytes(verify_bundle(fp32_dir)), _quality(parity, "student-onnx-fp32")),
         Variant("teacher-onnx-int8", "bundle", int8_dir,
                 "the teacher in ONNX INT8 (ORT fusions, avx512_vnni dynamic; optimum's path)",
-                _bundle_bytes(int8_dir), _quality(parity, "bundle")),
+                _bundle_bytes(result.meta), _quality(parity, "bundle")),
     ]
 
 
@@ -151,7 +150,7 @@ def run_bench(bundle: str | Path, teacher: str | Path | None = None, student_fp3
     meta = verify_bundle(bundle)
     if student_fp32 is None and bundle.with_name(bundle.name + "-fp32").is_dir():
         student_fp32 = bundle.with_name(bundle.name + "-fp32")
-    variants = bundle_variants(bundle, Path(student_fp32) if student_fp32 else None)
+    variants = bundle_variants(bundle, meta, Path(student_fp32) if student_fp32 else None)
     timing_data = Path(data) if data else _default_data(meta)
     if timing_data is not None and (timing_data / "test").is_dir():
         timing_data = timing_data / "test"
