@@ -77,6 +77,14 @@ class GatedFusion(nn.Module):
         return alpha * self.image_proj(z) + (1 - alpha) * self.text_proj(h)
 
 
+def make_fusion(kind: str, image_dim: int | None, text_dim: int | None, fusion_dim: int) -> tuple[nn.Module, int]:
+    """The fusion layer for the embeddings present (None: that modality is absent), and its width."""
+    if kind == "gated":
+        fusion = GatedFusion(image_dim, text_dim, fusion_dim)
+        return fusion, fusion.out_dim
+    return ConcatFusion([d for d in (image_dim, text_dim) if d is not None], fusion_dim), fusion_dim
+
+
 @dataclass
 class FedMMXOutput:
     leukemia_logits: torch.Tensor
@@ -90,14 +98,9 @@ class FedMMX(nn.Module):
         self.config = config
         self.image_encoder = build_image_encoder(config.image) if config.uses_image else None
         self.text_encoder = build_text_encoder(config.text) if config.uses_text else None
-        in_dims = ([config.image.embed_dim] if config.uses_image else []) + (
-            [config.text.hidden_size] if config.uses_text else [])
-        if config.fusion == "gated":
-            self.fusion = GatedFusion(config.image.embed_dim, config.text.hidden_size, config.fusion_dim)
-            fused_dim = self.fusion.out_dim
-        else:
-            self.fusion = ConcatFusion(in_dims, config.fusion_dim)
-            fused_dim = config.fusion_dim
+        self.fusion, fused_dim = make_fusion(
+            config.fusion, config.image.embed_dim if config.uses_image else None,
+            config.text.hidden_size if config.uses_text else None, config.fusion_dim)
         self.dropout = nn.Dropout(config.dropout)
         self.leukemia_head = nn.Linear(fused_dim, 2)
         self.stage_head = nn.Linear(fused_dim, config.num_stages)
@@ -133,6 +136,21 @@ class FedMMX(nn.Module):
         """Freeze the encoders so only fusion and heads train (the first federated rounds)."""
         for encoder in self.encoders():
             encoder.requires_grad_(not frozen)
+
+
+class FusionHead(nn.Module):
+    """Fed-MMX's fusion layer and heads alone, on precomputed embeddings: what a hospital agent
+    fine-tunes. Its parameter names match FedMMX's, so weights move between the two as they are."""
+
+    def __init__(self, fusion: str, image_dim: int, text_dim: int, fusion_dim: int, num_stages: int,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.fusion, fused_dim = make_fusion(fusion, image_dim, text_dim, fusion_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.leukemia_head = nn.Linear(fused_dim, 2)
+        self.stage_head = nn.Linear(fused_dim, num_stages)
+
+    classify = FedMMX.classify
 
 
 def multitask_loss(out: FedMMXOutput, leukemia: torch.Tensor, stage: torch.Tensor,

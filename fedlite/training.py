@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fedlite.metrics import evaluate_predictions
-from fedlite.model import FedMMX, multitask_loss
+from fedlite.model import FedMMX, FusionHead, multitask_loss
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,10 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def forward_batch(model: FedMMX, batch: dict):
+def forward_batch(model: FedMMX | FusionHead, batch: dict):
+    """Cases as pixels and token ids, or as precomputed embeddings (a hospital agent's head training)."""
+    if "image_embedding" in batch:
+        return model.classify(batch["image_embedding"], batch["text_embedding"])
     return model(batch.get("pixels"), batch.get("input_ids"), batch.get("attention_mask"))
 
 

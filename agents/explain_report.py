@@ -1,0 +1,158 @@
+"""Writing one case's explanation for the people at the site: a PNG heatmap over the smear, an HTML
+page with the note's words highlighted beside it, and the values as JSON.
+
+These files hold the note and per-case attributions, so they are created owner-only (directory 0700,
+files 0600) in the site's report directory and never leave it. A case's report is staged and
+renamed into place: a crash never leaves a mix of an old and a new explanation.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from fedlite.agents.explain import CaseExplanation
+from fedlite.atomic import atomic_write_bytes, atomic_write_text, staged_dir
+
+OWNER_ONLY = 0o600
+PNG, HTML, JSON = "explanation.png", "explanation.html", "explanation.json"
+
+
+def safe_case_name(case_id: str) -> str:
+    """A directory name from a case id: what is not a letter, digit, '-', '_' or '.' becomes '_'."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", case_id).strip(".")
+    return name or "case"
+
+
+def explanation_record(expl: CaseExplanation, case_id: str, bundle_meta: dict, note: str) -> dict:
+    """Everything the JSON file holds: values per output, base values, prediction, additivity
+    errors, top features, the joint profile and timings."""
+    outputs = range(len(expl.output_names))
+    weight = expl.settings["modality_weight"]
+    words = [{"text": note[w["begin"]: w["end"]], **w} for w in expl.words]
+    word_values = [expl.word_values(o) for o in outputs]
+    return {
+        "case": case_id,
+        "bundle": {"version": bundle_meta.get("bundle_version"), "content_sha256": bundle_meta.get("content_sha256"),
+                   "preset": bundle_meta.get("preset")},
+        "prediction": expl.prediction,
+        "output_names": expl.output_names,
+        "settings": expl.settings,
+        "image": {
+            "grid": expl.grid, "patch_size": bundle_meta["model"]["patch_size"],
+            "values": [expl.image_map(o).tolist() for o in outputs],
+            "base_values": expl.image.base_values.tolist(), "outputs": expl.image.outputs.tolist(),
+            "additivity_error": expl.image.additivity_error.tolist(), "evaluations": expl.image.evaluations,
+            "top_patches": [[{"row": i // expl.grid, "col": i % expl.grid, "value": float(expl.image.values[i, o])}
+                             for i in expl.image.top_features(o)] for o in outputs],
+        },
+        "text": {
+            "tokens": expl.tokens,
+            "values": [expl.text.values[:, o].tolist() for o in outputs],
+            "words": [{**w, "values": [word_values[o][i] for o in outputs]} for i, w in enumerate(words)],
+            "base_values": expl.text.base_values.tolist(), "outputs": expl.text.outputs.tolist(),
+            "additivity_error": expl.text.additivity_error.tolist(), "evaluations": expl.text.evaluations,
+            "top_tokens": [[{"position": i, "token": expl.tokens[i], "value": float(expl.text.values[i, o])}
+                            for i in expl.text.top_features(o)] for o in outputs],
+        },
+        "joint_profile": {"lambda": weight, "note": "each modality L2-normalised; not a ranking across modalities",
+                          "values": [expl.joint_profile(o, weight).tolist() for o in outputs]},
+        "timings": expl.timings,
+    }
+
+
+def render_png(expl: CaseExplanation, smear_rgb: np.ndarray) -> bytes:
+    """The smear beside one heatmap of patch values per explained output (red: raises the output)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(expl.output_names)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 4.4))
+    axes[0].imshow(smear_rgb)
+    pred = expl.prediction
+    axes[0].set_title(f"{pred['leukemia']} (P = {pred['leukemia_probability']:.2f})", fontsize=10)
+    size = smear_rgb.shape[0]
+    for o, ax in enumerate(axes[1:]):
+        values = expl.image_map(o)
+        bound = float(np.abs(values).max()) or 1.0
+        ax.imshow(smear_rgb)
+        shown = ax.imshow(values, cmap="bwr", vmin=-bound, vmax=bound, alpha=0.55,
+                          extent=(0, size, size, 0), interpolation="nearest")
+        ax.set_title(f"SHAP of {expl.output_names[o]} = {expl.image.outputs[o]:.2f}\n"
+                     f"base {expl.image.base_values[o]:.2f}, additivity error {expl.image.additivity_error[o]:.1e}",
+                     fontsize=9)
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _colour(value: float, bound: float) -> str:
+    strength = min(1.0, abs(value) / bound) if bound > 0 else 0.0
+    rgb = (255, int(255 * (1 - strength)), int(255 * (1 - strength))) if value > 0 else \
+        (int(255 * (1 - strength)), int(255 * (1 - strength)), 255)
+    return "#%02x%02x%02x" % rgb
+
+
+def render_html(record: dict, note: str, png: bytes) -> str:
+    """One self-contained page: the heatmaps and, beside them, the note once per explained output."""
+    parts = []
+    for o, name in enumerate(record["output_names"]):
+        values = [w["values"][o] for w in record["text"]["words"]]
+        bound = max((abs(v) for v in values), default=0.0)
+        spans, cursor = [], 0
+        for word, value in zip(record["text"]["words"], values):
+            begin, end = word["begin"], word["end"]
+            spans.append(html.escape(note[cursor:begin]))
+            spans.append(f'<span style="background:{_colour(value, bound)}" title="{value:+.4f}">'
+                         f"{html.escape(note[begin:end])}</span>")
+            cursor = end
+        spans.append(html.escape(note[cursor:]))
+        err = record["text"]["additivity_error"][o]
+        parts.append(f"<h3>{html.escape(name)}: note</h3><p class=note>{''.join(spans)}</p>"
+                     f"<p class=small>base {record['text']['base_values'][o]:.3f} → "
+                     f"{record['text']['outputs'][o]:.3f}; additivity error {err:.1e}</p>")
+    pred = record["prediction"]
+    summary = (f"{html.escape(pred['leukemia'])}: P(leukemia) = {pred['leukemia_probability']:.3f}"
+               + (f", stage {html.escape(pred['stage'])}" if pred["stage"] else ""))
+    image = base64.b64encode(png).decode("ascii")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fedlite explanation: {html.escape(record['case'])}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} .row{{display:flex;gap:2em;flex-wrap:wrap}}
+.note{{line-height:1.8;max-width:48em}} .small{{color:#555;font-size:.85em}} img{{max-width:100%}}</style></head>
+<body><h2>Case {html.escape(record['case'])}</h2><p>{summary}</p>
+<p class=small>Red raises the output, blue lowers it. Image patches and note words are explained separately;
+their values are not comparable across the two.</p>
+<div class=row><div><img src="data:image/png;base64,{image}" alt="SHAP heatmaps over the smear"></div>
+<div>{''.join(parts)}</div></div>
+<p class=small>bundle version {record['bundle']['version']}, max_evals {record['settings']['max_evals']} per modality,
+baseline {html.escape(record['settings']['baseline'])}; {record['timings']['total_seconds']:.2f} s</p>
+</body></html>
+"""
+
+
+def write_explanation(expl: CaseExplanation, case_id: str, note: str, smear_rgb: np.ndarray, bundle_meta: dict,
+                      report_dir: str | Path) -> dict[str, Path]:
+    """Write PNG, HTML and JSON into ``report_dir/<case>/``, owner-only; returns their paths."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    final = report_dir / safe_case_name(case_id)
+    record = explanation_record(expl, case_id, bundle_meta, note)
+    png = render_png(expl, smear_rgb)
+    with staged_dir(final, force=True, what="explanation") as staged:  # mkdtemp: 0700
+        atomic_write_bytes(staged / PNG, png, OWNER_ONLY)
+        atomic_write_text(staged / HTML, render_html(record, note, png), OWNER_ONLY)
+        atomic_write_text(staged / JSON, json.dumps(record, indent=2) + "\n", OWNER_ONLY)
+    return {"png": final / PNG, "html": final / HTML, "json": final / JSON}
