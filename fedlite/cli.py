@@ -144,6 +144,9 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--convergence-tol", default=0.0, show_default=True, help="Stop when ‖θ_t+1 − θ_t‖ is below it.")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
               help="Continue a federated run from its last completed round.")
+@click.option("--edge", "edge_bundle", type=click.Path(path_type=Path), default=None,
+              help="Edge fine-tuning: train only this bundle's head on the sites' cached embeddings and write "
+                   "the bundle with the averaged head (version + 1) into the run directory.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", default=0, show_default=True, help="Data-loading processes (centralized).")
 @click.option("--seed", default=0, show_default=True)
@@ -155,12 +158,14 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
           freeze_rounds: int, strategy: str, proximal_mu: float, dp: bool, noise_multiplier: float,
           max_grad_norm: float, dp_delta: float, compress: bool, topk: float, round_timeout: float,
           max_staleness: int, staleness_decay: float, convergence_tol: float, resume_dir: Path | None,
-          device: str, workers: int, seed: int, out: Path | None) -> None:
+          edge_bundle: Path | None, device: str, workers: int, seed: int, out: Path | None) -> None:
     """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
     from fedlite.metrics import format_metrics
 
     if resume_dir is None and data_dir is None:
         raise click.UsageError("give --data (or --resume RUN_DIR)")
+    if edge_bundle is not None and (centralized or resume_dir is not None):
+        raise InputError("--edge fine-tunes a bundle federated from the start", hint="drop --centralized/--resume")
     if centralized:
         from fedlite.centralized import train_centralized
         from fedlite.training import TrainConfig
@@ -191,7 +196,15 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
             optimizer=optimizer, gamma=gamma, proximal_mu=proximal_mu if strategy == "fedprox" else 0.0,
             dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
             compress=compress, topk_fraction=topk, seed=seed, device=device,
-            image_weights=str(image_weights or ""), text_weights=str(text_weights or ""))
+            image_weights=str(image_weights or ""), text_weights=str(text_weights or ""),
+            edge_bundle=str(edge_bundle.resolve()) if edge_bundle else "")
+    if edge_bundle is not None:
+        from fedlite.export.bundle import verify_bundle
+
+        verify_bundle(edge_bundle)  # a bad bundle is refused here, not inside the simulation
+        summary = run_federated_simulation(cfg)
+        click.echo(format_edge_summary(summary))
+        return
     summary = run_federated_simulation(cfg, resume=resume_dir is not None)
     if summary.get("best"):
         stage_names = json.loads((Path(cfg.out) / "best" / "config.json").read_text())["stage_names"]
@@ -202,6 +215,17 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
                                                       if summary.get("epsilon") is not None else ""))
     click.echo(f"best checkpoint: {Path(cfg.out) / 'best'}\nrounds: {Path(cfg.out) / 'rounds.jsonl'}"
                f"\ncurves: {Path(cfg.out) / 'curves.png'}")
+
+
+def format_edge_summary(summary: dict) -> str:
+    def line(metrics: dict) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or "-"
+
+    return (f"local metrics before: {line(summary['before'])}\nlocal metrics after:  {line(summary['after'])}\n"
+            f"rounds: {summary['rounds']}; sent {summary['bytes_sent'] / 1e3:.1f} kB, received "
+            f"{summary['bytes_received'] / 1e3:.1f} kB"
+            + (f"; worst site ε = {summary['epsilon']:.2f}" if summary.get("epsilon") is not None else "")
+            + f"\nbundle: {summary['bundle']} (version {summary['bundle_version']})")
 
 
 @main.command()
@@ -378,6 +402,90 @@ def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path 
         click.echo(f"\n{summary['cases']} predictions: {summary['out']}")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="The smear image of one case.")
+@click.option("--text", default=None, help="The case's clinical note.")
+@click.option("--text-file", type=click.Path(path_type=Path), default=None, help="The note, from a UTF-8 file.")
+@click.option("--case-id", default=None, help="Name of the one case's report (default: the image's file name).")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Explain cases of this dataset instead, and measure consistency and sparsity over them.")
+@click.option("--case", "case_ids", multiple=True, help="With --data: only these case ids (repeatable).")
+@click.option("--limit", default=0, show_default=True, help="With --data: at most this many cases (0: all).")
+@click.option("--report-dir", type=click.Path(path_type=Path), default=Path("fedlite-reports"), show_default=True,
+              help="Where the owner-only PNG/HTML/JSON reports go.")
+@click.option("--max-evals", default=500, show_default=True, help="Model evaluations per modality.")
+@click.option("--baseline", type=click.Choice(["mean", "black"]), default="mean", show_default=True,
+              help="What a masked image patch shows.")
+@click.option("--modality-weight", default=0.5, show_default=True, help="λ of the joint profile (eq. 23).")
+@click.option("--batch-size", default=50, show_default=True, help="Masked inputs per encoder call.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: up to 4).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def explain(bundle: Path, image: Path | None, text: str | None, text_file: Path | None, case_id: str | None,
+            data_dir: Path | None, case_ids: tuple[str, ...], limit: int, report_dir: Path, max_evals: int,
+            baseline: str, modality_weight: float, batch_size: int, threads: int, as_json: bool) -> None:
+    """SHAP explanations computed on this machine: image patches and note words, for P(leukemia) and
+    the predicted stage; reports stay in --report-dir."""
+    from fedlite.agents.explain import ExplainSettings, explain_case
+    from fedlite.agents.explain_report import write_explanation
+    from fedlite.agents.predict import read_note_file
+    from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
+    from fedlite.data.images import load_image, resize
+
+    single = image is not None or text is not None or text_file is not None
+    if single == (data_dir is not None):
+        raise InputError("give one case (--image and --text/--text-file) or a dataset (--data)")
+    if single and (image is None or (text is None) == (text_file is None)):
+        raise InputError("one case needs --image and exactly one of --text, --text-file")
+    settings = ExplainSettings(max_evals=max_evals, baseline=baseline, batch_size=batch_size,
+                               modality_weight=modality_weight)
+    runtime = BundleRuntime(bundle, RuntimeSettings(threads=threads))
+    if single:
+        from fedlite.agents.predict import check_note
+
+        note = check_note(text, "--text") if text is not None else read_note_file(text_file)
+        expl = explain_case(runtime, runtime.load_images([image])[0], note, settings)
+        paths = write_explanation(expl, case_id or image.stem, note, resize(load_image(image), runtime.image_size),
+                                  runtime.meta, report_dir)
+        if as_json:
+            click.echo(json.dumps({"prediction": expl.prediction, "timings": expl.timings,
+                                   **{k: str(v) for k, v in paths.items()}}, indent=2))
+            return
+        click.echo(_explained_line(case_id or image.stem, expl))
+        click.echo(f"report: {paths['html']}\n        {paths['png']}\n        {paths['json']}")
+        return
+    from fedlite.agents.interpretability import explain_dataset
+    from fedlite.data.manifest import read_dataset
+
+    dataset = read_dataset(data_dir)
+    chosen = list(case_ids) or [c.id for c in dataset.cases]
+    if limit > 0:
+        chosen = chosen[:limit]
+    summary = explain_dataset(runtime, dataset, chosen, settings, report_dir, progress=not as_json,
+                              on_case=None if as_json else lambda c: click.echo(_explained_line(c.case_id, c.explanation)))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    m = summary["measures"]
+    click.echo(f"\n{summary['cases']} cases, {summary['seconds_per_case']['mean']:.2f} s per case on average "
+               f"(max {summary['seconds_per_case']['max']:.2f} s); largest additivity error "
+               f"{max(summary['additivity_error_max'].values()):.1e}")
+    for output in ("leukemia", "stage"):
+        click.echo(f"{output:>9}: consistency (top-{m['top_k']}, bootstrap) image {m[output]['image']['consistency']:.0%}, "
+                   f"note {m[output]['text']['consistency']:.0%}; sparsity image "
+                   f"{m[output]['image']['sparsity']:.1f}/{m[output]['image']['features']} patches, note "
+                   f"{m[output]['text']['sparsity']:.1f}/{m[output]['text']['mean_tokens']:.0f} tokens")
+    click.echo(f"reports: {report_dir}/<case>/explanation.html; summary: {report_dir / 'summary.json'}")
+
+
+def _explained_line(case_id: str, expl) -> str:
+    pred = expl.prediction
+    return (f"{case_id}: {pred['leukemia']} (P = {pred['leukemia_probability']:.3f}"
+            + (f", stage {pred['stage']}" if pred["stage"] else "") + f"), explained in "
+            f"{expl.timings['total_seconds']:.2f} s (image {expl.timings['image_seconds']:.2f} s, "
+            f"note {expl.timings['text_seconds']:.2f} s)")
+
+
 def _int_list(value: str, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in value.split(",") if v.strip())
@@ -414,6 +522,115 @@ def bench(bundle: Path, teacher: Path | None, student_fp32: Path | None, data_di
     paths = write_report(report, out)
     click.echo(paths["markdown"].read_text(encoding="utf-8"))
     click.echo(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+@main.group(cls=FedliteGroup)
+def agent() -> None:
+    """The hospital agent: install it as a systemd service, check its setup, run its SuperNode."""
+
+
+_AGENT_CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(path_type=Path),
+                                    default=Path("/etc/fedlite/agent.toml"), show_default=True,
+                                    help="The agent's TOML config.")
+
+
+@agent.command("install")
+@_AGENT_CONFIG_OPTION
+@click.option("--prefix", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Write under DIR as if it were / (staging an image); the files name their final paths.")
+@click.option("--dry-run", is_flag=True, help="Print both files and write nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing config and unit.")
+@click.option("--superlink", required=True, help="The SuperLink's host:port.")
+@click.option("--root-certificate", type=click.Path(path_type=Path), default=None,
+              help="PEM CA certificate that signed the SuperLink's certificate (default: the system's CAs).")
+@click.option("--insecure", is_flag=True, help="No TLS at all (tests and labs only).")
+@click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle directory.")
+@click.option("--data-dir", type=click.Path(path_type=Path), required=True, help="This site's dataset directory.")
+@click.option("--report-dir", type=click.Path(path_type=Path), required=True, help="Where explanations go.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("/var/lib/fedlite/cache"),
+              show_default=True, help="Embedding cache.")
+@click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: up to 4).")
+@click.option("--memory-max", default="4G", show_default=True, help="systemd MemoryMax, e.g. 6G or 512M.")
+@click.option("--private-key", type=click.Path(path_type=Path), default=None,
+              help="OpenSSH EC private key for Flower node authentication.")
+@click.option("--public-key", type=click.Path(path_type=Path), default=None, help="Its public key.")
+@click.option("--clientappio-port", type=int, default=9094, show_default=True,
+              help="Local Runtime API port; distinct per agent on one host.")
+@click.option("--user", default="fedlite", show_default=True, help="System user the service runs as.")
+def agent_install(config_path: Path, prefix: Path | None, dry_run: bool, force: bool, superlink: str,
+                  root_certificate: Path | None, insecure: bool, bundle: Path, data_dir: Path, report_dir: Path,
+                  cache_dir: Path, threads: int, memory_max: str, private_key: Path | None,
+                  public_key: Path | None, clientappio_port: int, user: str) -> None:
+    """Write the agent's config and its systemd unit (fedlite-agent.service)."""
+    from fedlite.agents.install import config_from_options, follow_up_commands, plan_install, write_install
+
+    config_path = config_path.expanduser().absolute()
+    config = config_from_options({
+        "superlink.address": superlink, "superlink.root_certificate": root_certificate, "superlink.insecure": insecure,
+        "node.private_key": private_key, "node.public_key": public_key, "node.clientappio_port": clientappio_port,
+        "site.bundle": bundle, "site.data_dir": data_dir, "site.report_dir": report_dir, "site.cache_dir": cache_dir,
+        "resources.threads": threads, "resources.memory_max": memory_max}, config_path)
+    plan = plan_install(config, config_path=config_path, prefix=prefix, user=user)
+    if not plan.executable.is_file():
+        click.secho(f"warning: {plan.executable} does not exist; the unit's ExecStart needs it", fg="yellow", err=True)
+    if dry_run:
+        for target, text in ((plan.config_write_path, plan.config_text), (plan.unit_write_path, plan.unit_text)):
+            click.echo(f"# ---- {target}\n{text}")
+    else:
+        write_install(plan, force=force)
+        click.echo(f"wrote {plan.config_write_path}\nwrote {plan.unit_write_path}")
+    click.echo("\nthen, as root:\n" + "\n".join(f"  {c}" for c in follow_up_commands(plan)))
+
+
+@agent.command("check")
+@_AGENT_CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the SuperLink.")
+def agent_check(config_path: Path, as_json: bool, timeout: float) -> None:
+    """Check config, certificate, bundle, data, directories, memory and the SuperLink; report every problem."""
+    from fedlite.agents.check import checks_json, checks_ok, format_checklist, run_checks
+
+    items = run_checks(config_path, probe_timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(checks_json(items, config_path), indent=2, ensure_ascii=False))
+    else:
+        click.echo(format_checklist(items, config_path))
+    sys.exit(0 if checks_ok(items) else 1)
+
+
+@agent.command("run")
+@_AGENT_CONFIG_OPTION
+@click.option("--max-retries", default=0, show_default=True,
+              help="Retries after failures in a row (SuperLink unreachable, SuperNode crashed) before giving "
+                   "up with exit 69 (0: retry forever).")
+@click.option("--initial-backoff", default=5.0, show_default=True,
+              help="Seconds before the first retry; doubles per failure (with jitter) up to --max-backoff.")
+@click.option("--max-backoff", default=300.0, show_default=True, help="Longest wait between attempts, seconds.")
+@click.option("--probe-timeout", default=5.0, show_default=True, help="Seconds to wait for the SuperLink's answer.")
+def agent_run(config_path: Path, max_retries: int, initial_backoff: float, max_backoff: float,
+              probe_timeout: float) -> None:
+    """Run Flower's SuperNode for this site, reconnecting with backoff; exit 78 on TLS/config errors."""
+    import threading
+
+    from fedlite.agents.agent_config import read_agent_config
+    from fedlite.agents.supernode import (EXIT_CONFIG, RetryPolicy, configure_agent_logging, run_agent,
+                                          stop_on_signals)
+
+    configure_agent_logging()
+    agent_log = logging.getLogger("fedlite.agents.run")
+    if max_retries < 0 or initial_backoff <= 0 or max_backoff < initial_backoff or probe_timeout <= 0:
+        agent_log.error("--max-retries must be >= 0, --initial-backoff and --probe-timeout > 0, "
+                        "--max-backoff >= --initial-backoff")
+        sys.exit(EXIT_CONFIG)
+    try:
+        config = read_agent_config(config_path)
+        with stop_on_signals(threading.Event()) as stop:
+            code = run_agent(config, RetryPolicy(initial=initial_backoff, cap=max_backoff, max_retries=max_retries),
+                             stop, probe_timeout=probe_timeout)
+    except InputError as exc:
+        agent_log.error("configuration error: %s", exc)
+        sys.exit(EXIT_CONFIG)
+    sys.exit(code)
 
 
 @main.command()

@@ -47,3 +47,11 @@ def teacher_bundle(teacher_run, tmp_path_factory):
     options = ExportOptions(distill=False, prune=PruneConfig(fraction=0.0), int8=True, progress=False,
                             gate=Gate(max_accuracy_drop=100.0, max_auc_drop=1.0), batch_size=16)
     return export_bundle(checkpoint, tmp_path_factory.mktemp("teacher-bundle") / "bundle", options, data=split).bundle
+
+
+@pytest.fixture
+def task_identity():
+    """Flower builds messages only inside a run; tests that call ClientApp handlers directly get one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1

@@ -60,11 +60,8 @@ def test_an_update_far_larger_than_the_others_is_rejected():
 
 
 @pytest.fixture(autouse=True)
-def _task_identity():
+def _task_identity(task_identity):
     """Messages can only be built inside a run; give the direct calls below one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
 
 
 def _train_message(model, cfg, server_round):

@@ -86,10 +86,10 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
         from fedlite.federated.privacy import PrivacyConfig, dp_train_local, epsilon
 
         privacy = PrivacyConfig(cfg.noise_multiplier, cfg.max_grad_norm, cfg.dp_delta)
-        state = _load_accountant(context)
+        state = load_accountant(context)
         stats, state = dp_train_local(model, loader, train_config, device, lr, lr, privacy,
                                       accountant_state=state, epochs=cfg.local_epochs)
-        _store_accountant(context, state)
+        store_accountant(context, state)
         metrics["epsilon"] = float(epsilon(state, cfg.dp_delta))
     else:
         anchors = {n: torch.from_numpy(v) for n, v in global_arrays.items()} if cfg.proximal_mu > 0 else None
@@ -98,9 +98,9 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
     local = get_arrays(model, trainable)
     delta = {n: local[n] - global_arrays[n] for n in trainable}
     if cfg.compress:
-        residual = _load_residual(context, delta)
+        residual = load_residual(context, delta)
         encoded, residual = encode_update(delta, residual, topk_fraction=cfg.topk_fraction)
-        _store_residual(context, residual)
+        store_residual(context, residual)
         arrays = encoded
     else:
         arrays = delta
@@ -112,7 +112,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
     return Message(content, reply_to=msg)
 
 
-def _load_residual(context: Context, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+def load_residual(context: Context, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     """What earlier rounds did not send; tensors that just became trainable start from zero."""
     if RESIDUAL not in context.state:
         return None
@@ -120,26 +120,38 @@ def _load_residual(context: Context, delta: dict[str, np.ndarray]) -> dict[str, 
     return {n: kept[n] if n in kept and kept[n].shape == v.shape else np.zeros_like(v) for n, v in delta.items()}
 
 
-def _store_residual(context: Context, residual: dict[str, np.ndarray]) -> None:
+def store_residual(context: Context, residual: dict[str, np.ndarray]) -> None:
     context.state[RESIDUAL] = to_record(residual)
 
 
-def _load_accountant(context: Context) -> dict | None:
+def load_accountant(context: Context) -> dict | None:
     if ACCOUNTANT not in context.state:
         return None
     return json.loads(str(context.state[ACCOUNTANT]["history"]))
 
 
-def _store_accountant(context: Context, state: dict) -> None:
+def store_accountant(context: Context, state: dict) -> None:
     context.state[ACCOUNTANT] = ConfigRecord({"history": json.dumps(state)})
 
 
-def make_client_app(split_dir: str | Path | None = None) -> ClientApp:
+def make_client_app(split_dir: str | Path | None = None, edge_defaults: dict[str, str] | None = None) -> ClientApp:
+    """``edge_defaults``: bundle and cache-dir of simulated sites in edge fine-tuning (a deployed
+    agent's come from its node config)."""
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
+        if msg.content["config"].get("mode") == "edge":
+            from fedlite.agents.edge_client import edge_train
+
+            return edge_train(msg, context, split_dir, edge_defaults or {})
         return train_site(msg, context, split_dir)
+
+    @client.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        from fedlite.agents.edge_client import edge_evaluate
+
+        return edge_evaluate(msg, context, split_dir, edge_defaults or {})
 
     return client
 

@@ -47,6 +47,8 @@ class FederatedConfig:
     # update compression
     compress: bool = False
     topk_fraction: float = 0.1
+    # edge fine-tuning: train only the head of this bundle on the sites' cached embeddings
+    edge_bundle: str = ""
     # misc
     seed: int = 0
     device: str = "auto"

@@ -114,6 +114,22 @@ def collect(grid: Grid, outstanding: dict[str, Outstanding], server_round: int, 
     return replies
 
 
+def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]],
+                   server_round: int) -> tuple[list[SiteUpdate], list[Rejection]]:
+    """Screen this round's updates together and late ones each on its own; log every rejection."""
+    # Stale updates computed while other tensors were trainable are checked against their own round.
+    fresh = [u for u in replies.updates if u.staleness == 0]
+    stale = [u for u in replies.updates if u.staleness > 0 and set(u.delta) <= set(shapes)]
+    accepted, rejected = screen_updates(fresh, shapes)
+    for update in stale:
+        reason = check_update(update.delta, {n: shapes[n] for n in update.delta})
+        (rejected.append(Rejection(update.site, reason)) if reason else accepted.append(update))
+    rejected += replies.rejected
+    for rejection in rejected:
+        log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, rejection.reason)
+    return accepted, rejected
+
+
 def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
     split = Path(cfg.split_dir)
     test_set = read_dataset(split / "test")
@@ -140,7 +156,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
     bar = tqdm(range(state["round"] + 1, cfg.rounds + 1), desc="federated rounds", disable=not progress, unit="round")
     for server_round in bar:
         start = time.perf_counter()
-        nodes = _wait_for_nodes(grid, cfg.min_sites)
+        nodes = wait_for_nodes(grid, cfg.min_sites)
         k = len(nodes) if cfg.sites_per_round <= 0 else min(cfg.sites_per_round, len(nodes))
         sampled = sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
         frozen = cfg.encoders_frozen(server_round)
@@ -156,16 +172,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         for message_id, node in zip(ids, sampled):
             outstanding[message_id] = Outstanding(node, server_round, shapes)
         replies = collect(grid, outstanding, server_round, set(ids), cfg.round_timeout, cfg.max_staleness)
-        # Stale updates computed while other tensors were trainable are checked against their own round.
-        fresh = [u for u in replies.updates if u.staleness == 0]
-        stale = [u for u in replies.updates if u.staleness > 0 and set(u.delta) <= set(shapes)]
-        accepted, rejected = screen_updates(fresh, shapes)
-        for update in stale:
-            reason = check_update(update.delta, {n: shapes[n] for n in update.delta})
-            (rejected.append(Rejection(update.site, reason)) if reason else accepted.append(update))
-        rejected += replies.rejected
-        for rejection in rejected:
-            log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, rejection.reason)
+        accepted, rejected = accept_updates(replies, shapes, server_round)
         aggregate_start = time.perf_counter()
         step_norm = None
         if accepted:
@@ -239,7 +246,7 @@ def _resume_state(out: Path, model) -> tuple[dict, list[dict]]:
     return {"round": completed, "best_round": best_round, "best_score": best_score}, history
 
 
-def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -273,7 +280,12 @@ def make_server_app(cfg: FederatedConfig | None = None, resume: bool = False, pr
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else FederatedConfig.from_flat(dict(context.run_config))
-        run_server(grid, run_cfg, resume=resume, progress=progress)
+        if run_cfg.edge_bundle:
+            from fedlite.agents.edge_server import run_edge_server
+
+            run_edge_server(grid, run_cfg, progress=progress)
+        else:
+            run_server(grid, run_cfg, resume=resume, progress=progress)
 
     return server
 

@@ -37,8 +37,10 @@ def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progres
     if not resume:
         summary_path.unlink(missing_ok=True)
     log.info("simulating %d sites (%s) for %d rounds", len(split.sites), ", ".join(split.sites), cfg.rounds)
+    # simulated sites share the coordinator's bundle; each embeds its own cases into the run's cache
+    edge = {"bundle": cfg.edge_bundle, "cache-dir": str(Path(cfg.out).resolve() / "cache")} if cfg.edge_bundle else None
     run_simulation(server_app=make_server_app(cfg, resume=resume, progress=progress),
-                   client_app=make_client_app(str(Path(cfg.split_dir).resolve())),
+                   client_app=make_client_app(str(Path(cfg.split_dir).resolve()), edge),
                    num_supernodes=len(split.sites), backend_config=backend_config(len(split.sites), gpus))
     if not summary_path.is_file():
         raise RuntimeError(f"the federated run ended without a summary in {cfg.out}; see the log above")
