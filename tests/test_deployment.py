@@ -236,8 +236,8 @@ def prepare_deployment(root: Path, sites: list[str], n_cases: int = 40) -> Deplo
     return deployment
 
 
-def launch(deployment: Deployment, sites: list[str]) -> None:
-    """A TLS SuperLink, then one SuperNode per site, each with its data dir and its own Runtime API port."""
+def start_superlink(deployment: Deployment) -> None:
+    """The SuperLink with TLS: Fleet, Control and Runtime APIs on one loopback port."""
     certs, link_port = deployment.certs, deployment.link_port
     link = deployment.start("superlink", [
         str(BIN / "flower-superlink"),
@@ -247,6 +247,12 @@ def launch(deployment: Deployment, sites: list[str]) -> None:
         "--disable-runtime-dependency-installation",
     ], base_env(deployment.root / "flwr-superlink"))
     wait_for_port(link_port, link.popen, timeout=90)
+
+
+def launch(deployment: Deployment, sites: list[str]) -> None:
+    """A TLS SuperLink, then one SuperNode per site, each with its data dir and its own Runtime API port."""
+    start_superlink(deployment)
+    certs, link_port = deployment.certs, deployment.link_port
     node_ports = [p for p in free_ports(len(sites) + 1) if p != link_port][:len(sites)]
     for site, port in zip(sites, node_ports):
         deployment.nodes[site] = deployment.start(f"supernode-{site}", [
@@ -336,13 +342,14 @@ def rounds(out: Path) -> list[dict]:
 
 @pytest.fixture
 def deploy(tmp_path):
-    """Start a deployment with ``deploy(sites)``; everything started is stopped afterwards."""
+    """Start a deployment with ``deploy(sites)`` (``deploy(sites, launcher)`` to start the sites another
+    way); everything started is stopped afterwards."""
     started: list[Deployment] = []
 
-    def _deploy(sites: list[str]) -> Deployment:
-        deployment = prepare_deployment(tmp_path, sites)
+    def _deploy(sites: list[str], launcher=launch, n_cases: int = 40) -> Deployment:
+        deployment = prepare_deployment(tmp_path, sites, n_cases)
         started.append(deployment)  # registered first: a failed launch still stops what it started
-        launch(deployment, sites)
+        launcher(deployment, sites)
         return deployment
 
     try:

@@ -1,0 +1,64 @@
+"""Edge fine-tuning deployed: a TLS SuperLink, two hospital agents started with `fedlite agent run`
+from their TOML configs, and `flwr run` of the edge mode; every process is stopped by PID."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_deployment import BIN, base_env, deploy, flwr_run, free_ports, start_superlink, wait_for_summary  # noqa: F401
+
+from fedlite.agents.agent_config import (AgentConfig, NodeSettings, ResourceSettings, SiteSettings,
+                                         SuperLinkSettings, render_agent_config)
+from fedlite.export.bundle import verify_bundle
+from fedlite.export.head_swap import read_head_weights
+
+pytestmark = pytest.mark.skipif(not (BIN / "fedlite").exists(), reason="the fedlite console script is not installed")
+
+
+def agent_launcher(bundle: Path):
+    def launch_agents(deployment, sites: list[str]) -> None:
+        start_superlink(deployment)
+        ports = [p for p in free_ports(len(sites) + 1) if p != deployment.link_port][:len(sites)]
+        for site, port in zip(sites, ports):
+            home = deployment.root / f"agent-{site}"
+            config = AgentConfig(
+                superlink=SuperLinkSettings(address=f"127.0.0.1:{deployment.link_port}",
+                                            root_certificate=deployment.certs["ca"]),
+                site=SiteSettings(bundle=bundle, data_dir=deployment.split / site, report_dir=home / "reports",
+                                  cache_dir=home / "cache"),
+                node=NodeSettings(clientappio_port=port), resources=ResourceSettings(threads=1, memory_max="2G"))
+            home.mkdir(parents=True)
+            (home / "agent.toml").write_text(render_agent_config(config))
+            deployment.nodes[site] = deployment.start(f"agent-{site}", [
+                str(BIN / "fedlite"), "agent", "run", "--config", str(home / "agent.toml"), "--initial-backoff", "1",
+            ], base_env(home / "flwr"))
+    return launch_agents
+
+
+def test_two_agents_fine_tune_the_head_over_tls(deploy, teacher_bundle, tmp_path):
+    sites = ["site-01", "site-02"]
+    deployment = deploy(sites, agent_launcher(teacher_bundle), n_cases=120)
+    out = tmp_path / "edge-run"
+    run_id = flwr_run(deployment, out, **{"edge-bundle": str(teacher_bundle), "min-sites": 2, "rounds": 2,
+                                          "local-epochs": 2, "batch-size": 8, "optimizer": "sgd", "lr": 0.002,
+                                          "compress": True})
+    summary = wait_for_summary(deployment, run_id, out)
+    rows = [json.loads(line) for line in (out / "edge_rounds.jsonl").read_text().splitlines()]
+    for row in rows:
+        print(f"round {row['round']}: sent {row['bytes_sent']} B, received {row['bytes_received']} B, "
+              f"compression {row['compression_ratio']:.1f}x, student/update {row['student_to_update_ratio']:.0f}x, "
+              f"site peak RSS {row['site_peak_memory_mb']} MB")
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert sorted(row["sites"]) == sites and not row["rejected"]
+        assert row["compression_ratio"] > 1 and row["student_to_update_ratio"] >= 100
+    assert summary["after"]["loss"] <= summary["before"]["loss"]
+    assert summary["after"]["accuracy"] >= summary["before"]["accuracy"] - 0.05
+    new = verify_bundle(out / "bundle")
+    assert new["bundle_version"] == 2 and new["head_updates"][-1]["sites"] == sites
+    assert read_head_weights(out / "bundle").keys() == read_head_weights(teacher_bundle).keys()
+    for site in sites:  # embeddings stayed at the site, owner-only
+        cached = list((deployment.root / f"agent-{site}" / "cache").glob("embeddings-*.npz"))
+        assert len(cached) == 1 and oct(cached[0].stat().st_mode)[-3:] == "600"
