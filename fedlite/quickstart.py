@@ -1,6 +1,7 @@
 """``fedlite quickstart``: synthesize a small dataset, split it into sites, train Fed-MMX federated
 across the sites and centralized on the pooled data for the same number of epochs, compare both on
-the held-out split, and export the federated model into a verified INT8 bundle, all on CPU in minutes."""
+the held-out split, export the federated model into a verified INT8 bundle, predict the held-out cases
+with it and explain one of them, as a hospital agent would, all on CPU in minutes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from fedlite.agents.explain import ExplainSettings
+from fedlite.agents.explain_report import safe_case_name
+from fedlite.agents.interpretability import explain_dataset
+from fedlite.agents.predict import predict_manifest
+from fedlite.agents.runtime import BundleRuntime
 from fedlite.centralized import train_centralized
 from fedlite.data.split import format_split_table, split_dataset
+from fedlite.data.manifest import read_dataset
 from fedlite.data.synth import synthesize
 from fedlite.evaluate import evaluate_checkpoint
 from fedlite.export.distill import DistillConfig
@@ -43,16 +50,16 @@ def run_quickstart(out: str | Path, cases: int = 1600, rounds: int = 8, local_ep
         echo(f"\n== {title}")
         return time.perf_counter()
 
-    start = step(f"1/6 synthesizing {cases} smear + note cases")
+    start = step(f"1/8 synthesizing {cases} smear + note cases")
     dataset = synthesize(out / "data", n_cases=cases, seed=seed, force=True)
     timings["synth"] = time.perf_counter() - start
 
-    start = step(f"2/6 splitting into {clients} non-IID sites + held-out test split")
+    start = step(f"2/8 splitting into {clients} non-IID sites + held-out test split")
     split = split_dataset(dataset.root, out / "data" / "split", clients=clients, alpha=1.0, seed=seed, force=True)
     echo(format_split_table(split))
     timings["split"] = time.perf_counter() - start
 
-    start = step(f"3/6 federated training across the {clients} sites (Flower simulation, FedAvg), "
+    start = step(f"3/8 federated training across the {clients} sites (Flower simulation, FedAvg), "
                  f"{rounds} rounds x {local_epochs} local epochs")
     cfg = FederatedConfig(split_dir=str(split.out_dir), out=str(out / "federated"), preset=preset, rounds=rounds,
                           freeze_rounds=min(1, rounds - 1), local_epochs=local_epochs, optimizer=OPTIMIZER,
@@ -60,24 +67,40 @@ def run_quickstart(out: str | Path, cases: int = 1600, rounds: int = 8, local_ep
     federated = run_federated_simulation(cfg)
     timings["federated"] = time.perf_counter() - start
 
-    start = step(f"4/6 centralized baseline on the pooled sites, {epochs} epochs")
+    start = step(f"4/8 centralized baseline on the pooled sites, {epochs} epochs")
     run = train_centralized(split.out_dir, out / "centralized", preset=preset, seed=seed,
                             train_config=TrainConfig(epochs=epochs, lr=LR, optimizer=OPTIMIZER))
     timings["centralized"] = time.perf_counter() - start
 
     # The last checkpoints: both have then trained the same number of epochs.
-    start = step("5/6 evaluating both final models on the held-out test split")
+    start = step("5/8 evaluating both final models on the held-out test split")
     results = {name: evaluate_checkpoint(path, split.out_dir / "test", progress=False)
                for name, path in (("federated", out / "federated" / "last"), ("centralized", run.last_checkpoint))}
     echo(format_metrics(results["federated"], dataset.info.stage_names))
     echo("\n" + comparison_table(results))
     timings["evaluate"] = time.perf_counter() - start
 
-    start = step("6/6 exporting the federated model: distill, prune, INT8 ONNX, verify")
+    start = step("6/8 exporting the federated model: distill, prune, INT8 ONNX, verify")
     options = ExportOptions(int8=True, distill_config=DistillConfig(epochs=EXPORT_EPOCHS, lr=LR), seed=seed)
     bundle = export_bundle(out / "federated" / "last", out / "bundle", options, data=split.out_dir, force=True)
     echo(format_report(bundle.parity))
     timings["export"] = time.perf_counter() - start
+
+    start = step("7/8 predicting the held-out cases with the bundle (ONNX Runtime only, as a hospital agent does)")
+    runtime = BundleRuntime(bundle.bundle)
+    predictions = predict_manifest(runtime, split.out_dir / "test", out / "predictions.jsonl", progress=False)
+    echo(format_metrics(predictions["metrics"], runtime.stage_names))
+    timings["predict"] = time.perf_counter() - start
+
+    start = step("8/8 explaining a held-out leukemia case with SHAP (image patches and note words), on this machine")
+    test = read_dataset(split.out_dir / "test")
+    case = next((c for c in test.cases if c.leukemia == 1), test.cases[0])
+    reports = out / "reports"
+    summary = explain_dataset(runtime, test, [case.id], ExplainSettings(), reports, progress=False)
+    expl_seconds = summary["seconds_per_case"]["mean"]
+    echo(f"{case.id}: explained in {expl_seconds:.1f} s; additivity error "
+         f"{max(summary['additivity_error_max'].values()):.1e}")
+    timings["explain"] = time.perf_counter() - start
 
     echo(f"\ndata:        {dataset.root}\nsplit:       {split.out_dir}"
          f"\nfederated:   {out / 'federated'} (rounds.jsonl, curves.png, best/, last/)"
@@ -85,6 +108,9 @@ def run_quickstart(out: str | Path, cases: int = 1600, rounds: int = 8, local_ep
          f"\nsent:        {federated['bytes_sent'] / 1e6:.1f} MB to sites, "
          f"{federated['bytes_received'] / 1e6:.1f} MB back"
          f"\nbundle:      {bundle.bundle} (INT8 ONNX, {bundle.meta['model']['parameters'] / 1e6:.2f}M parameters; "
-         f"`fedlite export verify {bundle.bundle}`)")
+         f"`fedlite export verify {bundle.bundle}`)"
+         f"\npredictions: {predictions['out']}"
+         f"\nexplanation: {reports / safe_case_name(case.id) / 'explanation.html'} (heatmap: explanation.png, "
+         f"values: explanation.json; owner-only)")
     echo("times:       " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
     return {"metrics": results, "timings": timings, "bundle": bundle.meta}

@@ -15,7 +15,10 @@ def test_quickstart_runs_end_to_end_and_says_where_results_are(tmp_path):
     assert "stage macro-F1" in result.output and str(out / "federated") in result.output
     table = result.output.split("stage F1")[1]
     assert "federated" in table and "centralized" in table
-    assert "bundle" in result.output.split("6/6 exporting")[1] and str(out / "bundle") in result.output
+    assert "bundle" in result.output.split("6/8 exporting")[1] and str(out / "bundle") in result.output
+    assert (out / "predictions.jsonl").is_file() and str(out / "predictions.jsonl") in result.output
+    html = next((out / "reports").glob("*/explanation.html"))
+    assert (html.parent / "explanation.png").is_file() and str(html) in result.output
 
 
 def test_help_lists_only_working_commands():
@@ -23,4 +26,4 @@ def test_help_lists_only_working_commands():
     commands = result.output.split("Commands:")[1].split()
     listed = {w for w in commands if w in {"data", "train", "evaluate", "quickstart", "export", "predict",
                                            "explain", "agent", "bench"}}
-    assert listed == {"data", "train", "evaluate", "quickstart", "export", "bench", "predict"}
+    assert listed == {"data", "train", "evaluate", "quickstart", "export", "bench", "predict", "explain", "agent"}
