@@ -70,7 +70,8 @@ def _site(msg: Message, context: Context, split_dir: str | Path | None,
     return runtime, site_embeddings(runtime, dataset, paths["cache-dir"]), paths["data-dir"].name
 
 
-def _loader(embeddings: SiteEmbeddings, batch_size: int, seed: int):
+def embedding_loader(embeddings: SiteEmbeddings, batch_size: int, seed: int):
+    """Shuffled batches of a site's embeddings and labels, shaped as the training loops take them."""
     import torch
     from torch.utils.data import DataLoader, Dataset
 
@@ -100,7 +101,7 @@ def edge_train(msg: Message, context: Context, split_dir: str | Path | None, def
     runtime, embeddings, site = _site(msg, context, split_dir, defaults)
     global_arrays = from_record(msg.content["arrays"])
     head = fusion_head_from_weights(runtime.meta, global_arrays)
-    loader = _loader(embeddings, cfg.batch_size, cfg.seed + server_round)
+    loader = embedding_loader(embeddings, cfg.batch_size, cfg.seed + server_round)
     config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                          gamma=cfg.gamma)
     lr = cfg.lr_for_round(server_round)

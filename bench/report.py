@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from fedlite.atomic import atomic_write_text
+from fedlite.bench.agent_bench import markdown as agent_markdown
 
 TARGETS = {
     "p50_speedup_vs_teacher_torch_fp32": ("≥ 10×", 10.0),
@@ -78,6 +79,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['threads']} | student INT8 peak RSS, single stream | "
                      f"{_fmt(r['student_int8_peak_rss_mb'], '.0f', ' MB')} | "
                      f"≤ {RSS_TARGET_MB} MB |")
+    if report.get("agent"):
+        lines += [""] + agent_markdown(report["agent"])
     return "\n".join(lines) + "\n"
 
 

@@ -9,15 +9,13 @@ bundle's ``-fp32`` sibling from ``fedlite export --keep-fp32``) and INT8 (the bu
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from fedlite.bench.agent_bench import AgentBenchSettings, run_agent_bench, run_probe
 from fedlite.bench.machine import machine_info
 from fedlite.bench.stats import ratio
 from fedlite.data.manifest import read_dataset
@@ -111,11 +109,10 @@ def measure(variant: Variant, threads: int, cases: list[dict], settings: BenchSe
     spec = {"kind": variant.kind, "path": str(variant.path), "threads": threads, "cases": cases,
             "runs": settings.runs, "repeats": settings.repeats, "warmup": settings.warmup,
             "batches": list(settings.batches)}
-    done = subprocess.run([sys.executable, "-m", "fedlite.bench.probe"], input=json.dumps(spec),
-                          capture_output=True, text=True, timeout=settings.timeout_s)
-    if done.returncode != 0:
-        raise RuntimeError(f"measuring {variant.name} with {threads} threads failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return run_probe("fedlite.bench.probe", spec, settings.timeout_s)
+    except RuntimeError as exc:
+        raise RuntimeError(f"measuring {variant.name} with {threads} threads failed: {exc}") from None
 
 
 def _default_data(bundle_meta: dict) -> Path | None:
@@ -143,9 +140,21 @@ def headline_ratios(results: dict, threads: int) -> dict:
     }
 
 
+def edge_site(data: Path | None, timing_data: Path) -> Path:
+    """A site's cases for the edge round: the first site of a split, else the timing dataset."""
+    if data is not None and (data / "split.json").is_file():
+        from fedlite.data.split import load_split
+
+        sites = load_split(data).sites
+        if sites:
+            return data / sites[0]
+    return timing_data
+
+
 def run_bench(bundle: str | Path, teacher: str | Path | None = None, student_fp32: str | Path | None = None,
               data: str | Path | None = None, settings: BenchSettings = BenchSettings(),
-              work: str | Path = "bench-work", progress: bool = True) -> dict:
+              work: str | Path = "bench-work", progress: bool = True,
+              agent: AgentBenchSettings | None = AgentBenchSettings(), site: str | Path | None = None) -> dict:
     bundle = Path(bundle)
     meta = verify_bundle(bundle)
     if student_fp32 is None and bundle.with_name(bundle.name + "-fp32").is_dir():
@@ -166,6 +175,12 @@ def run_bench(bundle: str | Path, teacher: str | Path | None = None, student_fp3
     for variant, threads in tqdm(jobs, desc="bench", disable=not progress, unit="config"):
         entry = results.setdefault(variant.name, {**asdict(variant), "path": str(variant.path)})
         entry[str(threads)] = measure(variant, threads, cases, settings)
+    agent_report = None
+    if agent is not None:
+        log.info("measuring the agent: explanations, an edge round, memory")
+        agent_report = run_agent_bench(bundle, Path(teacher) if teacher else None, cases,
+                                       Path(site) if site else edge_site(Path(data) if data else None, timing_data),
+                                       max(settings.threads), agent)
     return {
         "machine": machine_info(),
         "settings": {**asdict(settings), "timing_data": str(timing_data), "cases_timed": len(cases),
@@ -173,4 +188,5 @@ def run_bench(bundle: str | Path, teacher: str | Path | None = None, student_fp3
         "bundle": {"path": str(bundle), "preset": meta["preset"], "quantization": meta.get("quantization")},
         "variants": results,
         "ratios": [headline_ratios(results, t) for t in settings.threads],
+        "agent": agent_report,
     }

@@ -508,17 +508,34 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
 @click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes for throughput.")
 @click.option("--runs", default=100, show_default=True, help="Timed single-stream runs per repeat.")
 @click.option("--repeats", default=3, show_default=True)
+@click.option("--explain-cases", default=3, show_default=True,
+              help="Cases explained with the bundle and, with --teacher, with naive shap on the teacher (0: skip).")
+@click.option("--max-evals", default=500, show_default=True, help="SHAP evaluations per modality.")
+@click.option("--edge-site", type=click.Path(path_type=Path), default=None,
+              help="A site's dataset for the edge round (default: the split's first site).")
+@click.option("--no-agent", is_flag=True, help="Skip explanations, the edge round and the memory budget.")
+@click.option("--ram-budget", default=None, help="Server memory to check the agent's heavy path against, e.g. 8G.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-report"), show_default=True)
 def bench(bundle: Path, teacher: Path | None, student_fp32: Path | None, data_dir: Path | None, threads: str,
-          batches: str, runs: int, repeats: int, out: Path) -> None:
-    """CPU latency, throughput and memory of BUNDLE beside the teacher baselines, accuracy beside speed."""
+          batches: str, runs: int, repeats: int, explain_cases: int, max_evals: int, edge_site: Path | None,
+          no_agent: bool, ram_budget: str | None, out: Path) -> None:
+    """CPU latency, throughput and memory of BUNDLE beside the teacher baselines, accuracy beside speed;
+    the agent's explanation and edge-round costs and its peak memory."""
+    from fedlite.agents.agent_config import parse_memory
+    from fedlite.bench.agent_bench import AgentBenchSettings
     from fedlite.bench.report import write_report
     from fedlite.bench.runner import BenchSettings, run_bench
 
     settings = BenchSettings(threads=_int_list(threads, "--threads"), batches=_int_list(batches, "--batch"),
                              runs=runs, repeats=repeats)
+    try:
+        budget = parse_memory(ram_budget) if ram_budget else None
+    except ValueError as exc:
+        raise InputError(f"--ram-budget: {exc}", hint='a size like "8G" or "512M"') from None
+    agent = None if no_agent else AgentBenchSettings(explain_cases=explain_cases, max_evals=max_evals,
+                                                     ram_budget_bytes=budget)
     report = run_bench(bundle, teacher=teacher, student_fp32=student_fp32, data=data_dir, settings=settings,
-                       work=out / "work")
+                       work=out / "work", agent=agent, site=edge_site)
     paths = write_report(report, out)
     click.echo(paths["markdown"].read_text(encoding="utf-8"))
     click.echo(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from fedlite.bench.agent_bench import AgentBenchSettings, top10_overlap
 from fedlite.bench.report import markdown, write_report
 from fedlite.bench.runner import BenchSettings, Variant, measure, run_bench, timing_cases
 from fedlite.bench.stats import latency_summary, ratio, repeated_summary
@@ -48,8 +49,9 @@ def test_memory_is_measured_in_a_fresh_process_of_its_own(teacher_bundle, teache
 
 
 def test_bench_report_compares_the_bundle_with_every_teacher_baseline(teacher_bundle, teacher_run, tmp_path):
+    agent = AgentBenchSettings(explain_cases=2, max_evals=40, edge_epochs=1, ram_budget_bytes=8 * 2**30)
     report = run_bench(teacher_bundle, teacher=teacher_run[0], data=teacher_run[1], settings=TINY,
-                       work=tmp_path / "work", progress=False)
+                       work=tmp_path / "work", progress=False, agent=agent)
     assert list(report["variants"]) == ["teacher-torch-fp32", "teacher-onnx-fp32", "teacher-onnx-int8",
                                         "student-onnx-int8"]
     for variant in report["variants"].values():
@@ -68,6 +70,27 @@ def test_bench_report_compares_the_bundle_with_every_teacher_baseline(teacher_bu
         assert f"| {name} |" in text
     assert "## Throughput" in text and "≥ 10×" in text
     assert paths["plot"].stat().st_size > 5000
+
+    explain = report["agent"]["explain"]
+    assert explain["bundle"]["heavy_modules_loaded"] == [] and "torch" in explain["reference"]["heavy_modules_loaded"]
+    assert explain["speedup_vs_reference"] == pytest.approx(
+        explain["reference_seconds_per_case"] / explain["seconds_per_case"])
+    assert all(0 <= v <= 1 for v in explain["top10_overlap"]["top_tokens"])
+    edge = report["agent"]["edge"]
+    assert edge["site"].endswith("site-01") and edge["stages"]["embed"]["cases"] > 0
+    assert edge["student_to_update_ratio"] > 1
+    memory = report["agent"]["memory"]
+    assert set(memory["headroom_mb"]) == {"8 GB server", "16 GB server", "--ram-budget"}
+    assert memory["headroom_mb"]["8 GB server"] == pytest.approx(8192 - memory["heavy_path_peak_rss_mb"])
+    assert "## Explanation cost" in text and "## Edge round" in text and "headroom" in text
+
+
+def test_top10_overlap_counts_shared_features_per_output():
+    ours = [{"top_patches": [[1, 2, 3], [4, 5, 6]], "top_tokens": [[1, 2], [3, 4]]}]
+    reference = [{"top_patches": [[3, 2, 9], [7, 8, 9]], "top_tokens": [[2, 1], [3, 9]]}]
+    overlap = top10_overlap(ours, reference)
+    assert overlap["top_patches"] == pytest.approx([2 / 3, 0.0])
+    assert overlap["top_tokens"] == pytest.approx([1.0, 0.5])
 
 
 def test_markdown_marks_missing_measurements_instead_of_inventing_them():

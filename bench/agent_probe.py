@@ -1,0 +1,152 @@
+"""The hospital agent's own work, measured in a fresh process like every other configuration.
+
+Three kinds, chosen by the JSON spec on stdin (one JSON line comes back):
+- ``explain``: ``explain_case`` with the bundle (cached embeddings, INT8 encoders, batched);
+- ``explain-reference``: the same shap Partition explanations run naively on the torch FP32 teacher,
+  both encoders re-run for every evaluation of either modality (what a user without fedlite's split
+  graphs would do); the top-10 features of both are compared by the runner;
+- ``edge``: the agent's heavy path: embed a site's cases with the bundle, train one edge round of
+  the head on them and encode its update, then explain one case, with the peak RSS after each step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from fedlite.bench.probe import peak_rss_mb
+
+TOP_K = 10
+
+
+def _top(values: np.ndarray) -> list[list[int]]:
+    return [[int(i) for i in np.argsort(-np.abs(values[:, o]), kind="stable")[:TOP_K]] for o in range(values.shape[1])]
+
+
+def _explained(image, text, seconds: float) -> dict:
+    """What the runner compares, from the two modalities' ModalityExplanation."""
+    return {"seconds": seconds, "image_seconds": image.seconds, "text_seconds": text.seconds,
+            "evaluations": [image.evaluations, text.evaluations],
+            "additivity_error": float(max(image.additivity_error.max(), text.additivity_error.max())),
+            "top_patches": _top(image.values), "top_tokens": _top(text.values)}
+
+
+def explain_with_bundle(spec: dict) -> dict:
+    from fedlite.agents.explain import ExplainSettings, explain_case
+    from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
+
+    runtime = BundleRuntime(spec["path"], RuntimeSettings(threads=spec["threads"]))
+    settings = ExplainSettings(max_evals=spec["max_evals"])
+    cases = []
+    for case in spec["cases"]:
+        start = time.perf_counter()
+        expl = explain_case(runtime, runtime.load_images([case["image"]])[0], case["text"], settings)
+        cases.append(_explained(expl.image, expl.text, time.perf_counter() - start))
+    return {"cases": cases}
+
+
+def explain_with_torch_teacher(spec: dict) -> dict:
+    """Naive shap on the teacher: every evaluation runs the whole model on (masked image, note)."""
+    import torch
+
+    from fedlite.agents.explain import ExplainSettings, NoteTokenizer, explain_image, explain_text, patch_baseline
+    from fedlite.checkpoint import load_checkpoint
+    from fedlite.data.images import preprocess_image
+
+    torch.set_num_threads(spec["threads"])
+    ckpt = load_checkpoint(spec["path"])
+    model = ckpt.model.eval()
+    prep = ckpt.meta["preprocessing"]
+    settings = ExplainSettings(max_evals=spec["max_evals"])
+    tokenizer = NoteTokenizer(ckpt.tokenizer, ckpt.max_length)
+    mask_id = ckpt.tokenizer.token_to_id("[MASK]")
+    cases = []
+    for case in spec["cases"]:
+        start = time.perf_counter()
+        pixels = preprocess_image(case["image"], prep["image_size"], prep["mean"], prep["std"])
+        ids = np.asarray([tokenizer(case["text"])["input_ids"]], dtype=np.int64)
+        with torch.inference_mode():
+            out = model(torch.from_numpy(pixels[None]), torch.from_numpy(ids), torch.ones_like(torch.from_numpy(ids)))
+        stage = int(out.stage_logits.argmax(-1)[0])
+
+        def run(pix: np.ndarray, tok: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                o = model(torch.from_numpy(pix), torch.from_numpy(tok), torch.ones_like(torch.from_numpy(tok)))
+                return np.stack([o.leukemia_logits.softmax(-1)[:, 1].numpy(),
+                                 o.stage_logits.softmax(-1)[:, stage].numpy()], axis=1)
+
+        image = explain_image(lambda b: run(b, np.repeat(ids, len(b), axis=0)), pixels,
+                              patch_baseline(pixels, settings.baseline, prep["mean"], prep["std"]),
+                              model.config.image.patch_size, settings)
+        text = explain_text(lambda b: run(np.repeat(pixels[None], len(b), axis=0), b.astype(np.int64)),
+                            case["text"], tokenizer, mask_id, settings)
+        cases.append(_explained(image, text, time.perf_counter() - start))
+    return {"cases": cases}
+
+
+def edge_heavy_path(spec: dict) -> dict:
+    """Embed, train one round, encode the update, explain: what an agent does at its busiest."""
+    import torch
+
+    from fedlite.agents.edge_client import embedding_loader, evaluate_head
+    from fedlite.agents.embedding_cache import site_embeddings
+    from fedlite.agents.explain import ExplainSettings, explain_case
+    from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
+    from fedlite.data.manifest import read_dataset
+    from fedlite.export.head_swap import fusion_head_from_weights, read_head_weights
+    from fedlite.federated.compress import encode_update, encoded_nbytes
+    from fedlite.federated.params import get_arrays
+    from fedlite.training import TrainConfig, train_local
+
+    torch.set_num_threads(spec["threads"])
+    stages = {}
+    runtime = BundleRuntime(spec["path"], RuntimeSettings(threads=spec["threads"]))
+    dataset = read_dataset(spec["site"])
+    with tempfile.TemporaryDirectory(prefix="fedlite-bench-cache-") as cache:
+        start = time.perf_counter()
+        embeddings = site_embeddings(runtime, dataset, cache)
+        stages["embed"] = {"seconds": time.perf_counter() - start, "cases": len(embeddings),
+                           "peak_rss_mb": peak_rss_mb()}
+        start = time.perf_counter()
+        site_embeddings(runtime, dataset, cache)
+        stages["embed_cached"] = {"seconds": time.perf_counter() - start}
+    weights = read_head_weights(spec["path"])
+    head = fusion_head_from_weights(runtime.meta, weights)
+    config = TrainConfig(epochs=spec["epochs"], batch_size=32, lr=spec["lr"], optimizer="sgd")
+    before = evaluate_head(runtime, embeddings, weights)["loss"]
+    start = time.perf_counter()
+    stats = train_local(head, embedding_loader(embeddings, 32, 0), config, torch.device("cpu"), spec["lr"], spec["lr"],
+                        progress=False)
+    local = get_arrays(head, list(weights))
+    delta = {n: local[n] - weights[n] for n in weights}
+    encoded, _ = encode_update(delta, None, topk_fraction=spec["topk"])
+    stages["train_round"] = {"seconds": time.perf_counter() - start, "epochs": spec["epochs"], "steps": stats.steps,
+                             "local_loss_before": before, "local_loss_after": evaluate_head(runtime, embeddings, local)["loss"],
+                             "update_bytes": encoded_nbytes(encoded),
+                             "dense_head_bytes": int(sum(v.size for v in weights.values()) * 4),
+                             "student_fp32_bytes": int(runtime.meta["model"]["parameters"]) * 4,
+                             "peak_rss_mb": peak_rss_mb()}
+    case = dataset.cases[0]
+    start = time.perf_counter()
+    explain_case(runtime, runtime.load_images([dataset.image_path(case)])[0], case.text,
+                 ExplainSettings(max_evals=spec["max_evals"]))
+    stages["explain"] = {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+    return {"stages": stages}
+
+
+KINDS = {"explain": explain_with_bundle, "explain-reference": explain_with_torch_teacher, "edge": edge_heavy_path}
+
+
+def run(spec: dict) -> dict:
+    result = KINDS[spec["kind"]](spec)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["heavy_modules_loaded"] = sorted(m for m in ("torch", "timm", "transformers") if m in sys.modules)
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(sys.stdin.read()))))
