@@ -35,7 +35,7 @@ BASELINES = ("mean", "black")
 class ExplainSettings:
     max_evals: int = 500  # model evaluations per modality (both outputs share them); shap's default
     baseline: str = "mean"  # masked patches: the smear's mean colour, or black
-    batch_size: int = 50  # masked inputs per encoder call
+    batch_size: int = 16  # masked inputs per encoder call: larger batches only grow memory on CPUs
     modality_weight: float = 0.5  # λ of the joint profile [λ·φ̂_v ‖ (1 − λ)·φ̂_t]
 
     def __post_init__(self) -> None:

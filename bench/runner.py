@@ -180,7 +180,8 @@ def run_bench(bundle: str | Path, teacher: str | Path | None = None, student_fp3
         log.info("measuring the agent: explanations, an edge round, memory")
         agent_report = run_agent_bench(bundle, Path(teacher) if teacher else None, cases,
                                        Path(site) if site else edge_site(Path(data) if data else None, timing_data),
-                                       max(settings.threads), agent)
+                                       max(settings.threads), agent,
+                                       teacher_bundle=Path(work) / "teacher-onnx-int8" if teacher else None)
     return {
         "machine": machine_info(),
         "settings": {**asdict(settings), "timing_data": str(timing_data), "cases_timed": len(cases),

@@ -418,7 +418,7 @@ def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path 
 @click.option("--baseline", type=click.Choice(["mean", "black"]), default="mean", show_default=True,
               help="What a masked image patch shows.")
 @click.option("--modality-weight", default=0.5, show_default=True, help="λ of the joint profile (eq. 23).")
-@click.option("--batch-size", default=50, show_default=True, help="Masked inputs per encoder call.")
+@click.option("--batch-size", default=16, show_default=True, help="Masked inputs per encoder call.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: up to 4).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def explain(bundle: Path, image: Path | None, text: str | None, text_file: Path | None, case_id: str | None,

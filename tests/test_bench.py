@@ -76,6 +76,8 @@ def test_bench_report_compares_the_bundle_with_every_teacher_baseline(teacher_bu
     assert explain["speedup_vs_reference"] == pytest.approx(
         explain["reference_seconds_per_case"] / explain["seconds_per_case"])
     assert all(0 <= v <= 1 for v in explain["top10_overlap"]["top_tokens"])
+    assert explain["teacher_bundle"]["heavy_modules_loaded"] == []
+    assert len(explain["teacher_bundle_top10_overlap"]["top_patches"]) == 2
     edge = report["agent"]["edge"]
     assert edge["site"].endswith("site-01") and edge["stages"]["embed"]["cases"] > 0
     assert edge["student_to_update_ratio"] > 1

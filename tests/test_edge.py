@@ -87,6 +87,15 @@ def test_a_site_sends_only_a_compressed_head_update_and_aggregates(teacher_bundl
     assert {"loss", "accuracy", "num-examples"} <= set(dict(evaluation.content["metrics"]))
 
 
+def test_a_site_trains_its_head_under_dp_and_accounts_epsilon(teacher_bundle, teacher_run, tmp_path):
+    _, split = teacher_run
+    cfg = FederatedConfig(local_epochs=1, batch_size=8, dp=True, edge_bundle="x")
+    context = _context(split, teacher_bundle, tmp_path)
+    first = dict(edge_train(_train_message(teacher_bundle, cfg), context, None, {}).content["metrics"])
+    second = dict(edge_train(_train_message(teacher_bundle, cfg, 2), context, None, {}).content["metrics"])
+    assert 0 < first["epsilon"] < second["epsilon"]  # the site's accountant carries over rounds
+
+
 def test_a_site_refuses_a_coordinator_with_other_encoders(teacher_bundle, teacher_run, tmp_path):
     _, split = teacher_run
     cfg = FederatedConfig(edge_bundle="x")

@@ -149,7 +149,11 @@ def make_client_app(split_dir: str | Path | None = None, edge_defaults: dict[str
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        """Only edge fine-tuning asks sites to evaluate; full-model runs evaluate on the server."""
         from fedlite.agents.edge_client import edge_evaluate
+
+        if msg.content["config"].get("mode") != "edge":
+            raise InputError("this site evaluates only the heads of edge fine-tuning runs")
 
         return edge_evaluate(msg, context, split_dir, edge_defaults or {})
 
