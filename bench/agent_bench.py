@@ -138,7 +138,8 @@ def markdown(agent: dict) -> list[str]:
                   f"epochs; local loss {t['local_loss_before']:.3f} → {t['local_loss_after']:.3f}; update "
                   f"{t['update_bytes'] / 1e3:.1f} kB vs {t['student_fp32_bytes'] / 1e6:.1f} MB dense FP32 student "
                   f"({edge['student_to_update_ratio']:.0f}×, target ≥ 100×) |",
-                  f"| explain one case | {s['explain']['seconds']:.2f} | {s['explain']['peak_rss_mb']:.0f} | |", ""]
+                  f"| explain one case | {s['explain']['seconds']:.2f} | {s['explain']['peak_rss_mb']:.0f} | "
+                  f"after importing shap ({s['explain']['shap_import_seconds']:.1f} s) |", ""]
     memory = agent.get("memory")
     if memory:
         lines += [f"Peak RSS of the agent's heavy path (embed, train a round, explain): "
