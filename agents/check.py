@@ -22,11 +22,13 @@ from fedlite.errors import InputError, Problem
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MARKS = {OK: "✓", WARN: "⚠", FAIL: "✗"}
-# What the agent needs, roughly: the Python process with onnxruntime and torch imported, plus the
-# bundle's graphs loaded, optimized by onnxruntime and run (weights and activations): about three
-# times their size on disk.
-PROCESS_BYTES = 350 * 2**20
-BUNDLE_FACTOR = 3
+# What the agent needs at its busiest (embedding a site's cases, training a round, explaining), as
+# `fedlite bench` measures it: about 1 GiB for Python with torch, onnxruntime, shap and Flower, plus
+# about twenty times the bundle's size on disk for its graphs' weights, ONNX Runtime's arena and the
+# activations of batched encoder runs (1.07 GB for a 0.9 MB bundle, 1.38 GB for 16.5 MB, 1.73 GB
+# for 36 MB).
+PROCESS_BYTES = 2**30
+BUNDLE_FACTOR = 20
 CERT_EXPIRY_WARNING = dt.timedelta(days=30)
 MAX_LISTED = 20  # problems listed per check; the rest are counted
 
@@ -288,7 +290,7 @@ def check_memory(config: AgentConfig, config_path: Path) -> CheckItem:
         problems.append((WARN, f"only {format_bytes(memory.available)} available now, the agent needs about "
                                f"{format_bytes(need)}: other programs use this server's memory"))
     detail = (f"memory_max {config.resources.memory_max} ({format_bytes(limit)}); estimated need "
-              f"{format_bytes(need)} = {format_bytes(PROCESS_BYTES)} (Python with onnxruntime and torch) + "
+              f"{format_bytes(need)} = {format_bytes(PROCESS_BYTES)} (Python with torch, onnxruntime, shap, Flower) + "
               f"{BUNDLE_FACTOR} × bundle {format_bytes(bundle_bytes)}; this machine: {format_bytes(memory.total)} "
               f"total, {format_bytes(memory.available)} available")
     return _item("memory", detail, problems)

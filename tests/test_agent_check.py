@@ -255,7 +255,7 @@ def test_memory_limit_below_the_estimate_fails_and_above_the_machine_warns(tmp_p
     config = make_site(tmp_path, f"127.0.0.1:{closed_port()}", None, insecure=True, memory_max="100M")
     item = by_name(run_checks(config, probe_timeout=2))["memory"]
     assert item.status == FAIL and "raise it to at least" in item.problems[0]
-    assert "estimated need" in item.detail and "350.0 MiB" in item.detail
+    assert "estimated need" in item.detail and "1.0 GiB" in item.detail
 
     config.write_text(config.read_text().replace('memory_max = "100M"', 'memory_max = "1000T"'))
     item = by_name(run_checks(config, probe_timeout=2))["memory"]
