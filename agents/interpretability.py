@@ -22,8 +22,8 @@ from fedlite.agents.explain import CaseExplanation, ExplainSettings, explain_cas
 from fedlite.agents.explain_report import OWNER_ONLY, write_explanation
 from fedlite.agents.runtime import BundleRuntime
 from fedlite.atomic import atomic_write_text
-from fedlite.data.images import load_image, resize
 from fedlite.data.manifest import MANIFEST, Dataset
+from fedlite.errors import InputError
 
 NEGLIGIBLE = 0.01  # |φ| below 1 % of the case's largest |φ|
 
@@ -108,15 +108,18 @@ def explain_dataset(runtime: BundleRuntime, dataset: Dataset, case_ids: list[str
 
     from fedlite.agents.predict import check_note
 
-    cases = dataset.cases if not case_ids else [dataset.case(i) for i in case_ids]
+    by_id = {case.id: case for case in dataset.cases}
+    unknown = [i for i in case_ids or [] if i not in by_id]
+    if unknown:
+        raise InputError(f"no case with id {', '.join(map(repr, unknown[:5]))}"
+                         + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""), path=dataset.root / MANIFEST)
+    cases = [by_id[i] for i in case_ids] if case_ids else dataset.cases
     done: list[tuple[CaseExplanation, str]] = []
     for case in tqdm(cases, desc="explain", unit="case", disable=not progress, leave=False):
-        path = dataset.image_path(case)
         note = check_note(case.text, f"{dataset.root / MANIFEST}: case {case.id}")
-        pixels = runtime.load_images([path])[0]
+        smear, pixels = runtime.load_smear(dataset.image_path(case))
         expl = explain_case(runtime, pixels, note, settings)
-        paths = write_explanation(expl, case.id, note, resize(load_image(path), runtime.image_size), runtime.meta,
-                                  report_dir)
+        paths = write_explanation(expl, case.id, note, smear, runtime.meta, report_dir)
         done.append((expl, note))
         if on_case is not None:
             on_case(ExplainedCase(case.id, expl, paths))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from fedlite.data.images import preprocess_image
+from fedlite.data.images import load_image, normalize, preprocess_image, resize
 from fedlite.data.manifest import Dataset
 from fedlite.export.bundle import read_bundle_meta, verify_bundle
 from fedlite.text import encode_notes, load_tokenizer, pad_id, pad_token_ids
@@ -71,6 +71,11 @@ class BundleRuntime:
 
     def load_images(self, paths: list[str | Path]) -> np.ndarray:
         return np.stack([preprocess_image(p, self.image_size, self.mean, self.std) for p in paths])
+
+    def load_smear(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """One decode for both uses: the resized RGB smear a report shows, and the encoder's input."""
+        smear = resize(load_image(path), self.image_size)
+        return smear, normalize(smear, self.mean, self.std)
 
     def tokenize(self, notes: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
         """Token ids and attention mask padded to the longest note; also how many notes were cut."""

@@ -430,7 +430,6 @@ def explain(bundle: Path, image: Path | None, text: str | None, text_file: Path 
     from fedlite.agents.explain_report import write_explanation
     from fedlite.agents.predict import read_note_file
     from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
-    from fedlite.data.images import load_image, resize
 
     single = image is not None or text is not None or text_file is not None
     if single == (data_dir is not None):
@@ -444,9 +443,9 @@ def explain(bundle: Path, image: Path | None, text: str | None, text_file: Path 
         from fedlite.agents.predict import check_note
 
         note = check_note(text, "--text") if text is not None else read_note_file(text_file)
-        expl = explain_case(runtime, runtime.load_images([image])[0], note, settings)
-        paths = write_explanation(expl, case_id or image.stem, note, resize(load_image(image), runtime.image_size),
-                                  runtime.meta, report_dir)
+        smear, pixels = runtime.load_smear(image)
+        expl = explain_case(runtime, pixels, note, settings)
+        paths = write_explanation(expl, case_id or image.stem, note, smear, runtime.meta, report_dir)
         if as_json:
             click.echo(json.dumps({"prediction": expl.prediction, "timings": expl.timings,
                                    **{k: str(v) for k, v in paths.items()}}, indent=2))

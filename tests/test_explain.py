@@ -15,7 +15,6 @@ from fedlite.agents.explain_report import write_explanation
 from fedlite.agents.interpretability import consistency, sparsity
 from fedlite.agents.runtime import BundleRuntime
 from fedlite.cli import main
-from fedlite.data.images import load_image, resize
 from fedlite.data.manifest import read_dataset
 from fedlite.errors import InputError
 from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
@@ -114,12 +113,12 @@ def test_explanations_change_when_the_head_is_randomized(teacher_bundle, case, t
 def test_report_files_are_owner_only_and_complete(teacher_bundle, case, tmp_path):
     test, c = case
     runtime = BundleRuntime(teacher_bundle)
-    path = test.image_path(c)
     note = c.text + " <b>&</b>"
-    expl = explain_case(runtime, runtime.load_images([path])[0], note, ExplainSettings(max_evals=50))
+    smear, pixels = runtime.load_smear(test.image_path(c))
+    np.testing.assert_array_equal(pixels, runtime.load_images([test.image_path(c)])[0])
+    expl = explain_case(runtime, pixels, note, ExplainSettings(max_evals=50))
     reports = tmp_path / "reports"
-    paths = write_explanation(expl, "case/../7", note, resize(load_image(path), runtime.image_size), runtime.meta,
-                              reports)
+    paths = write_explanation(expl, "case/../7", note, smear, runtime.meta, reports)
     assert paths["png"].parent == reports / "case_.._7"
     assert stat.S_IMODE(paths["png"].parent.stat().st_mode) == 0o700
     for p in paths.values():

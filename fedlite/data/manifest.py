@@ -75,12 +75,6 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.cases)
 
-    def case(self, case_id: str) -> Case:
-        for case in self.cases:
-            if case.id == case_id:
-                return case
-        raise InputError(f"no case with id {case_id!r}", path=self.root / MANIFEST)
-
 
 def read_info(root: Path) -> DatasetInfo:
     path = root / DATASET_INFO
