@@ -105,12 +105,17 @@ def test_a_site_refuses_a_coordinator_with_other_encoders(teacher_bundle, teache
 
 
 def test_edge_simulation_improves_local_loss_and_writes_a_new_bundle(teacher_bundle, teacher_run, tmp_path):
-    from fedlite.federated.simulation import run_federated_simulation
+    from click.testing import CliRunner
+
+    from fedlite.cli import main
 
     _, split = teacher_run
-    cfg = FederatedConfig(split_dir=str(split), out=str(tmp_path / "edge"), rounds=2, local_epochs=2, batch_size=16,
-                          optimizer="sgd", lr=5e-3, compress=True, edge_bundle=str(teacher_bundle))
-    summary = run_federated_simulation(cfg, progress=False)
+    result = CliRunner().invoke(main, ["train", "--edge", str(teacher_bundle), "--data", str(split), "--rounds", "2",
+                                       "--epochs", "2", "--batch-size", "16", "--lr", "5e-3", "--compress",
+                                       "--out", str(tmp_path / "edge")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "edge" / "summary.json").read_text())
+    assert "local metrics before: loss" in result.output and f"version {summary['bundle_version']}" in result.output
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert summary["after"]["accuracy"] >= summary["before"]["accuracy"] - 0.02
     new = verify_bundle(summary["bundle"])
@@ -138,3 +143,21 @@ def test_new_head_weights_must_fit_the_bundle(teacher_bundle, tmp_path):
     with pytest.raises(InputError, match="shape"):
         write_bundle_with_head(teacher_bundle, tmp_path / "b", {**weights, name: weights[name][:1]}, {})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_edge_training_refuses_a_tampered_bundle(teacher_bundle, teacher_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from fedlite.cli import main
+
+    tampered = tmp_path / "bundle"
+    shutil.copytree(teacher_bundle, tampered)
+    with (tampered / "head.onnx").open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01")
+    result = CliRunner().invoke(main, ["train", "--edge", str(tampered), "--data", str(teacher_run[1]),
+                                       "--out", str(tmp_path / "edge")])
+    assert result.exit_code == 2 and "head.onnx" in result.output and "SHA-256" in result.output
+    assert not (tmp_path / "edge").exists()
