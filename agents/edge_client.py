@@ -93,7 +93,7 @@ def edge_train(msg: Message, context: Context, split_dir: str | Path | None, def
     from fedlite.federated.client_app import load_accountant, load_residual, store_accountant, store_residual
     from fedlite.federated.compress import encode_update
     from fedlite.federated.params import get_arrays
-    from fedlite.training import TrainConfig, train_local
+    from fedlite.training import TrainConfig, resolve_device, train_local
 
     flat = dict(msg.content["config"])
     cfg = FederatedConfig.from_flat(flat)
@@ -105,7 +105,7 @@ def edge_train(msg: Message, context: Context, split_dir: str | Path | None, def
     config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
                          gamma=cfg.gamma)
     lr = cfg.lr_for_round(server_round)
-    device = _cpu()
+    device = resolve_device("cpu")  # a head of a few thousand weights: a GPU would not pay off
     metrics: dict[str, float | int] = {}
     if cfg.dp:
         from fedlite.federated.privacy import PrivacyConfig, dp_train_local, epsilon
@@ -129,12 +129,6 @@ def edge_train(msg: Message, context: Context, split_dir: str | Path | None, def
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
                           "info": ConfigRecord({"site": site, "compressed": cfg.compress})})
     return Message(content, reply_to=msg)
-
-
-def _cpu():
-    import torch
-
-    return torch.device("cpu")
 
 
 def evaluate_head(runtime: BundleRuntime, embeddings: SiteEmbeddings, arrays: dict[str, np.ndarray]) -> dict:
