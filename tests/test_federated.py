@@ -15,7 +15,7 @@ from fedlite.federated.client_app import RESIDUAL, train_site
 from fedlite.federated.compress import is_encoded
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import frozen_fingerprint, get_arrays, to_record, trainable_names
-from fedlite.federated.server_app import site_settings
+from fedlite.federated.server_app import site_settings, sites_busy_seconds
 from fedlite.federated.task import build_initial_model
 
 SHAPES = {"w": (2, 2), "b": (2,)}
@@ -30,6 +30,17 @@ def test_fedavg_weights_by_sample_count_as_computed_by_hand():
     delta = weighted_delta(updates)
     assert np.allclose(delta["w"], (100 * 1.0 + 300 * 4.0) / 400)  # 3.25
     assert np.allclose(delta["b"], 300 * 3.0 / 400)
+
+
+def _timed(site, first, last):
+    return SiteUpdate(site, {}, 1, 0, metrics={"compute-start": first, "compute-end": last})
+
+
+def test_round_compute_time_is_the_union_of_the_sites_compute_intervals():
+    # two lanes: a and b overlap (10-40), c queues behind a (45-60), d ran past the round's end
+    updates = [_timed("a", 10, 30), _timed("b", 15, 40), _timed("c", 45, 60), _timed("d", 90, 130)]
+    assert sites_busy_seconds(updates, start=0, end=100, fallback=-1) == pytest.approx(30 + 15 + 10)
+    assert sites_busy_seconds(updates[:1] + [SiteUpdate("e", {}, 1)], 0, 100, fallback=7.0) == 7.0
 
 
 def test_late_updates_are_damped_by_their_staleness():
@@ -137,6 +148,10 @@ def test_simulated_run_records_rounds_bytes_and_checkpoints(tmp_path, synth_spli
     assert sorted(rounds[1]["sites"]) == ["site-01", "site-02", "site-03"]
     assert rounds[1]["compression_ratio"] > 4
     assert set(rounds[1]["site_train_seconds"]) == set(rounds[1]["sites"])
+    for r in rounds:  # sites' compute, transport, aggregation and evaluation add up to the round
+        assert r["slowest_site_train_seconds"] <= r["site_compute_seconds"] <= r["round_seconds"]
+        parts = r["site_compute_seconds"] + r["communication_seconds"] + r["aggregate_seconds"] + r["server_eval_seconds"]
+        assert parts == pytest.approx(r["round_seconds"], rel=1e-6)
     assert summary["rounds"] == 2 and 0 <= summary["last"]["accuracy"] <= 1
     for name in ("best/model.safetensors", "last/model.safetensors", "curves.png", "summary.json"):
         assert (tmp_path / "run" / name).is_file()

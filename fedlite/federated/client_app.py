@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,7 @@ def _prepare_model(cfg: FederatedConfig, num_stages: int, trainable: list[str], 
 
 
 def train_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
+    compute_start = time.time()  # wall clock, so the server can tell its sites' work from transport
     flat = dict(msg.content["config"])
     cfg = FederatedConfig.from_flat(flat)
     server_round = int(flat["server-round"])
@@ -106,7 +108,8 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
         arrays = delta
     metrics.update({"num-examples": len(dataset), "train-loss": stats.mean_loss,
                     "train-seconds": stats.seconds, "peak-memory-mb": stats.peak_memory_mb,
-                    "steps": stats.steps, "samples": stats.samples})
+                    "steps": stats.steps, "samples": stats.samples,
+                    "compute-start": compute_start, "compute-end": time.time()})
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
                           "info": ConfigRecord({"site": data_dir.name, "compressed": cfg.compress})})
     return Message(content, reply_to=msg)

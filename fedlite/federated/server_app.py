@@ -130,6 +130,24 @@ def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]],
     return accepted, rejected
 
 
+def sites_busy_seconds(updates: list, start: float, end: float, fallback: float) -> float:
+    """Seconds of the round during which at least one site was computing: the union of the sites'
+    compute intervals (wall clock, clipped to the round). Sites queued behind others on a shared
+    machine count as compute, not transport. ``fallback`` when a site did not report its interval."""
+    intervals = []
+    for update in updates:
+        first, last = update.metrics.get("compute-start"), update.metrics.get("compute-end")
+        if first is None or last is None:
+            return fallback
+        intervals.append((max(start, float(first)), min(end, float(last))))
+    busy, reached = 0.0, start
+    for first, last in sorted(intervals):
+        if last > reached:
+            busy += last - max(first, reached)
+            reached = last
+    return busy
+
+
 def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
     split = Path(cfg.split_dir)
     test_set = read_dataset(split / "test")
@@ -156,6 +174,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
     bar = tqdm(range(state["round"] + 1, cfg.rounds + 1), desc="federated rounds", disable=not progress, unit="round")
     for server_round in bar:
         start = time.perf_counter()
+        wall_start = time.time()
         nodes = wait_for_nodes(grid, cfg.min_sites)
         k = len(nodes) if cfg.sites_per_round <= 0 else min(cfg.sites_per_round, len(nodes))
         sampled = sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
@@ -184,7 +203,9 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         metrics = evaluate_model(model, test_loader, device) if server_round % cfg.eval_every == 0 or server_round == cfg.rounds else {}
         eval_seconds = time.perf_counter() - eval_start
         round_seconds = time.perf_counter() - start
-        slowest = max((float(u.metrics.get("train-seconds", 0.0)) for u in accepted if u.staleness == 0), default=0.0)
+        fresh = [u for u in accepted if u.staleness == 0]
+        slowest = max((float(u.metrics.get("train-seconds", 0.0)) for u in fresh), default=0.0)
+        compute = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds, slowest)
         record_row = {
             "round": server_round, "frozen_encoders": frozen, "lr": cfg.lr_for_round(server_round),
             "sites": [u.site for u in accepted], "rejected": [r.__dict__ for r in rejected],
@@ -197,7 +218,8 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
             "dense_update_bytes": int(sum(np.prod(s) for s in shapes.values()) * 4),
             "round_seconds": round_seconds, "slowest_site_train_seconds": slowest,
             "aggregate_seconds": aggregate_seconds, "server_eval_seconds": eval_seconds,
-            "communication_seconds": max(0.0, round_seconds - slowest - aggregate_seconds - eval_seconds),
+            "site_compute_seconds": compute,
+            "communication_seconds": max(0.0, round_seconds - compute - aggregate_seconds - eval_seconds),
             "samples_trained": int(sum(u.metrics.get("samples", 0) for u in accepted)),
             "site_train_seconds": {u.site: u.metrics.get("train-seconds") for u in accepted},
             "site_peak_memory_mb": {u.site: u.metrics.get("peak-memory-mb") for u in accepted},
