@@ -248,6 +248,32 @@ def evaluate(checkpoint: Path, data_dir: Path, batch_size: int, device: str, as_
         click.echo(format_metrics(metrics, read_checkpoint_meta(checkpoint)["stage_names"]))
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Also write the table (FILE.md) and the curves (FILE.png).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def compare(runs: tuple[Path, ...], out: Path | None, as_json: bool) -> None:
+    """Held-out metrics, bytes and time of finished runs (federated or centralized) side by side."""
+    from dataclasses import asdict
+
+    from fedlite.atomic import atomic_write_text
+    from fedlite.compare import load_run, markdown_table, plot_runs
+
+    summaries = [load_run(run) for run in runs]
+    table = markdown_table(summaries)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out.with_suffix(".md"), table)
+        plot_runs(summaries, out.with_suffix(".png"))
+    if as_json:
+        click.echo(json.dumps([asdict(s) for s in summaries], indent=2))
+    else:
+        click.echo(table, nl=False)
+        if out is not None:
+            click.echo(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+
+
 class DefaultCommandGroup(FedliteGroup):
     """A group whose first argument, when it names no subcommand, goes to ``default_command``:
     ``fedlite export CKPT`` and ``fedlite export verify BUNDLE`` side by side."""

@@ -1,0 +1,136 @@
+"""Side-by-side comparison of finished training runs (federated or centralized): the held-out
+metrics, what travelled over the network and how long it took, as a table and a plot, so choosing
+between FedAvg, FedProx, DP or compressed updates is a matter of reading one page."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedlite.errors import InputError
+
+METRICS = (("accuracy", "accuracy"), ("auc", "AUC"), ("stage_macro_f1", "stage macro-F1"))
+
+
+@dataclass
+class RunSummary:
+    name: str
+    mode: str  # "federated" or "centralized"
+    steps: int  # rounds or epochs completed
+    last: dict
+    best: dict
+    best_step: int
+    minutes: float  # federated: round wall time; centralized: training time (evaluation excluded)
+    curve: list[tuple[int, dict]] = field(default_factory=list)
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    dense_bytes: int | None = None
+    epsilon: float | None = None
+    settings: str = ""
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not JSON ({exc.msg})", path=path, line=number) from None
+    return rows
+
+
+def load_run(run_dir: str | Path) -> RunSummary:
+    """A finished run directory of ``fedlite train`` (federated or ``--centralized``)."""
+    run = Path(run_dir)
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        raise InputError("no summary.json: not a finished training run", path=run,
+                         hint="compare directories written by `fedlite train --out RUN`")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not JSON ({exc.msg})", path=summary_path) from None
+    if (run / "rounds.jsonl").is_file():
+        return _federated(run, summary, _read_jsonl(run / "rounds.jsonl"))
+    if (run / "history.jsonl").is_file():
+        return _centralized(run, summary, _read_jsonl(run / "history.jsonl"))
+    raise InputError("neither rounds.jsonl (federated) nor history.jsonl (centralized) found", path=run)
+
+
+def _federated(run: Path, summary: dict, rounds: list[dict]) -> RunSummary:
+    config = summary.get("config", {})
+    dense = sum(r["dense_update_bytes"] * len(r["bytes_received"]) for r in rounds)
+    flags = [config.get("strategy", "fedavg")]
+    if config.get("compress"):
+        flags.append(f"top-k {config.get('topk-fraction')} + int8")
+    if config.get("dp"):
+        flags.append(f"DP σ={config.get('noise-multiplier')} C={config.get('max-grad-norm')}")
+    flags.append(f"{config.get('freeze-rounds')} frozen, E={config.get('local-epochs')}")
+    return RunSummary(
+        name=run.name, mode="federated", steps=len(rounds), last=summary.get("last", {}),
+        best=summary.get("best", {}), best_step=int(summary.get("best_round", 0)),
+        minutes=sum(r["round_seconds"] for r in rounds) / 60,
+        curve=[(r["round"], r["eval"]) for r in rounds if r.get("eval")],
+        bytes_sent=int(summary.get("bytes_sent", 0)), bytes_received=int(summary.get("bytes_received", 0)),
+        dense_bytes=int(dense), epsilon=summary.get("epsilon"), settings=", ".join(flags))
+
+
+def _centralized(run: Path, summary: dict, history: list[dict]) -> RunSummary:
+    return RunSummary(
+        name=run.name, mode="centralized", steps=len(history), last=summary.get("last", {}),
+        best=summary.get("best", {}), best_step=int(summary.get("best_epoch", 0)),
+        minutes=sum(h.get("train_seconds", 0.0) for h in history) / 60,
+        curve=[(h["epoch"], h["eval"]) for h in history if h.get("eval")],
+        settings=f"{summary.get('modality', 'both')} modality")
+
+
+def _megabytes(value: int | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.1f}"
+
+
+def markdown_table(runs: list[RunSummary]) -> str:
+    """One row per run: last-step held-out metrics, the best stage macro-F1, bytes and time."""
+    head = ("| run | mode | settings | rounds/epochs | accuracy | AUC | stage macro-F1 | best F1 (at) "
+            "| MB to sites | MB from sites | compression | worst ε | minutes |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        last = r.last or {}
+        ratio = (f"{r.dense_bytes / r.bytes_received:.1f}×" if r.bytes_received and r.dense_bytes else "–")
+        cells = [r.name, r.mode, r.settings, str(r.steps),
+                 f"{last['accuracy'] * 100:.1f} %" if "accuracy" in last else "–",
+                 f"{last['auc']:.3f}" if "auc" in last else "–",
+                 f"{last['stage_macro_f1']:.3f}" if "stage_macro_f1" in last else "–",
+                 f"{r.best.get('stage_macro_f1', float('nan')):.3f} ({r.best_step})" if r.best else "–",
+                 _megabytes(r.bytes_sent), _megabytes(r.bytes_received), ratio,
+                 f"{r.epsilon:.2f}" if r.epsilon is not None else "–", f"{r.minutes:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_runs(runs: list[RunSummary], path: Path) -> Path:
+    """Held-out accuracy, AUC and stage macro-F1 per round/epoch, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4), sharex=True)
+    for ax, (key, label) in zip(axes, METRICS):
+        for r in runs:
+            points = [(step, m[key]) for step, m in r.curve if key in m]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=r.name)
+        ax.set_title(label)
+        ax.set_xlabel("round / epoch")
+        ax.set_ylim(0, 1.02)
+    axes[-1].legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

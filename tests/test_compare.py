@@ -1,0 +1,72 @@
+"""`fedlite compare`: runs side by side, from the files `fedlite train` writes."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fedlite.cli import main
+from fedlite.compare import load_run, markdown_table
+from fedlite.errors import InputError
+
+
+def _metrics(acc, auc, f1):
+    return {"accuracy": acc, "auc": auc, "stage_macro_f1": f1}
+
+
+def _federated_run(path, compress):
+    path.mkdir()
+    rounds = [{"round": r, "eval": _metrics(0.5 + r / 10, 0.6, 0.1 * r), "round_seconds": 30.0,
+               "dense_update_bytes": 1000, "bytes_received": {"site-01": 100 if compress else 1000,
+                                                              "site-02": 100 if compress else 1000}}
+              for r in (1, 2)]
+    (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    summary = {"rounds": 2, "best_round": 2, "best": rounds[1]["eval"], "last": rounds[1]["eval"],
+               "bytes_sent": 4000, "bytes_received": 400 if compress else 4000, "epsilon": None,
+               "config": {"strategy": "fedavg", "compress": compress, "topk-fraction": 0.1, "dp": False,
+                          "freeze-rounds": 1, "local-epochs": 1}}
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def _centralized_run(path):
+    path.mkdir()
+    history = [{"epoch": e, "train_loss": 1.0, "train_seconds": 60.0, "eval": _metrics(0.8, 0.9, 0.3 * e)}
+               for e in (1, 2)]
+    (path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    (path / "summary.json").write_text(json.dumps({"modality": "both", "best_epoch": 2, "best": history[1]["eval"],
+                                                   "last": history[1]["eval"]}))
+    return path
+
+
+def test_runs_are_tabulated_with_metrics_bytes_and_compression(tmp_path):
+    dense = load_run(_federated_run(tmp_path / "fedavg", compress=False))
+    sparse = load_run(_federated_run(tmp_path / "compressed", compress=True))
+    central = load_run(_centralized_run(tmp_path / "central"))
+    assert (dense.mode, dense.steps, dense.minutes) == ("federated", 2, 1.0)
+    assert central.mode == "centralized" and central.minutes == 2.0
+    rows = markdown_table([dense, sparse, central]).splitlines()
+    assert len(rows) == 5 and all(r.count("|") == rows[0].count("|") for r in rows)
+    assert "| 70.0 % |" in rows[2] and "| 1.0× |" in rows[2]  # accuracy after round 2; dense updates
+    assert "| 10.0× |" in rows[3] and "top-k 0.1 + int8" in rows[3]
+    assert "| 0.600 (2) |" in rows[4] and "| – |" in rows[4]  # best F1 at epoch 2; no bytes for centralized
+
+
+def test_compare_writes_a_table_and_a_plot(tmp_path):
+    runs = [str(_federated_run(tmp_path / "fedavg", False)), str(_centralized_run(tmp_path / "central"))]
+    result = CliRunner().invoke(main, ["compare", *runs, "--out", str(tmp_path / "report" / "runs")])
+    assert result.exit_code == 0, result.output
+    assert "fedavg" in result.output and "central" in result.output
+    assert (tmp_path / "report" / "runs.md").read_text().count("\n") == 4
+    assert (tmp_path / "report" / "runs.png").stat().st_size > 1000
+
+
+def test_what_is_not_a_finished_run_is_named(tmp_path):
+    with pytest.raises(InputError, match="no summary.json"):
+        load_run(tmp_path)
+    run = _federated_run(tmp_path / "broken", False)
+    (run / "rounds.jsonl").write_text('{"round": 1}\n{"round": \n')
+    with pytest.raises(InputError, match=r"rounds.jsonl:2: not JSON"):
+        load_run(run)
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "missing")])
+    assert result.exit_code != 0 and "no summary.json" in result.output
