@@ -38,9 +38,11 @@ def summarize(rounds: list[dict], flops_per_sample: float, sites: int, paper_rou
     """Throughput over the timed rounds (the first round, which includes start-up, is skipped
     when there are more)."""
     timed = rounds[1:] if len(rounds) > 1 else rounds
-    train_seconds = sum(sum(r["site_train_seconds"].values()) for r in timed)
     samples = sum(r["samples_trained"] for r in timed)
     wall = sum(r["round_seconds"] for r in timed)
+    # time at least one site was in its training loop: sites training side by side on one GPU count
+    # once (records without it come from sequential sites, whose train times add up)
+    train_seconds = sum(r.get("site_training_seconds", sum(r["site_train_seconds"].values())) for r in timed)
     per_round = wall / len(timed)
     return {
         "timed_rounds": len(timed),

@@ -84,6 +84,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
                                optimizer=cfg.optimizer, gamma=cfg.gamma, proximal_mu=cfg.proximal_mu)
     lr = cfg.lr_for_round(server_round)
     metrics: dict[str, float | int] = {}
+    train_start = time.time()
     if cfg.dp:
         from fedlite.federated.privacy import PrivacyConfig, dp_train_local, epsilon
 
@@ -97,6 +98,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
         anchors = {n: torch.from_numpy(v) for n, v in global_arrays.items()} if cfg.proximal_mu > 0 else None
         stats = train_local(model, loader, train_config, device, lr, lr, epochs=cfg.local_epochs,
                             global_params=anchors, progress=False)
+    train_end = time.time()
     local = get_arrays(model, trainable)
     delta = {n: local[n] - global_arrays[n] for n in trainable}
     if cfg.compress:
@@ -109,6 +111,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
     metrics.update({"num-examples": len(dataset), "train-loss": stats.mean_loss,
                     "train-seconds": stats.seconds, "peak-memory-mb": stats.peak_memory_mb,
                     "steps": stats.steps, "samples": stats.samples,
+                    "train-start": train_start, "train-end": train_end,
                     "compute-start": compute_start, "compute-end": time.time()})
     content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
                           "info": ConfigRecord({"site": data_dir.name, "compressed": cfg.compress})})

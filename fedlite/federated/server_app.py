@@ -130,13 +130,14 @@ def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]],
     return accepted, rejected
 
 
-def sites_busy_seconds(updates: list, start: float, end: float, fallback: float) -> float:
-    """Seconds of the round during which at least one site was computing: the union of the sites'
-    compute intervals (wall clock, clipped to the round). Sites queued behind others on a shared
-    machine count as compute, not transport. ``fallback`` when a site did not report its interval."""
+def sites_busy_seconds(updates: list, start: float, end: float, fallback: float, what: str = "compute") -> float:
+    """Seconds of the round during which at least one site was busy: the union of the sites'
+    ``what`` intervals ("compute": the whole reply; "train": the training loop alone), wall clock,
+    clipped to the round. Sites queued behind others on a shared machine count as busy, not as
+    transport. ``fallback`` when a site did not report its interval."""
     intervals = []
     for update in updates:
-        first, last = update.metrics.get("compute-start"), update.metrics.get("compute-end")
+        first, last = update.metrics.get(f"{what}-start"), update.metrics.get(f"{what}-end")
         if first is None or last is None:
             return fallback
         intervals.append((max(start, float(first)), min(end, float(last))))
@@ -206,6 +207,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         fresh = [u for u in accepted if u.staleness == 0]
         slowest = max((float(u.metrics.get("train-seconds", 0.0)) for u in fresh), default=0.0)
         compute = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds, slowest)
+        training = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds, slowest, what="train")
         record_row = {
             "round": server_round, "frozen_encoders": frozen, "lr": cfg.lr_for_round(server_round),
             "sites": [u.site for u in accepted], "rejected": [r.__dict__ for r in rejected],
@@ -218,7 +220,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
             "dense_update_bytes": int(sum(np.prod(s) for s in shapes.values()) * 4),
             "round_seconds": round_seconds, "slowest_site_train_seconds": slowest,
             "aggregate_seconds": aggregate_seconds, "server_eval_seconds": eval_seconds,
-            "site_compute_seconds": compute,
+            "site_compute_seconds": compute, "site_training_seconds": training,
             "communication_seconds": max(0.0, round_seconds - compute - aggregate_seconds - eval_seconds),
             "samples_trained": int(sum(u.metrics.get("samples", 0) for u in accepted)),
             "site_train_seconds": {u.site: u.metrics.get("train-seconds") for u in accepted},
