@@ -68,7 +68,8 @@ def _federated(run: Path, summary: dict, rounds: list[dict]) -> RunSummary:
         flags.append(f"top-k {config.get('topk-fraction')} + int8")
     if config.get("dp"):
         flags.append(f"DP σ={config.get('noise-multiplier')} C={config.get('max-grad-norm')}")
-    flags.append(f"{config.get('freeze-rounds')} frozen, E={config.get('local-epochs')}")
+    flags.append(f"{config.get('freeze-rounds')} frozen, E={config.get('local-epochs')}, "
+                 f"B={config.get('batch-size')}, {config.get('optimizer')} {config.get('lr')}")
     return RunSummary(
         name=run.name, mode="federated", steps=len(rounds), last=summary.get("last", {}),
         best=summary.get("best", {}), best_step=int(summary.get("best_round", 0)),
@@ -79,12 +80,14 @@ def _federated(run: Path, summary: dict, rounds: list[dict]) -> RunSummary:
 
 
 def _centralized(run: Path, summary: dict, history: list[dict]) -> RunSummary:
+    training = summary.get("training", {})
     return RunSummary(
         name=run.name, mode="centralized", steps=len(history), last=summary.get("last", {}),
         best=summary.get("best", {}), best_step=int(summary.get("best_epoch", 0)),
         minutes=sum(h.get("train_seconds", 0.0) for h in history) / 60,
         curve=[(h["epoch"], h["eval"]) for h in history if h.get("eval")],
-        settings=f"{summary.get('modality', 'both')} modality")
+        settings=f"{summary.get('modality', 'both')} modality, B={training.get('batch_size')}, "
+                 f"{training.get('optimizer')} {training.get('lr')}")
 
 
 def _megabytes(value: int | None) -> str:
