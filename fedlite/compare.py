@@ -53,10 +53,12 @@ def load_run(run_dir: str | Path) -> RunSummary:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(f"not JSON ({exc.msg})", path=summary_path) from None
-    if (run / "rounds.jsonl").is_file():
-        return _federated(run, summary, _read_jsonl(run / "rounds.jsonl"))
-    if (run / "history.jsonl").is_file():
-        return _centralized(run, summary, _read_jsonl(run / "history.jsonl"))
+    for name, reader in (("rounds.jsonl", _federated), ("history.jsonl", _centralized)):
+        if (run / name).is_file():
+            try:
+                return reader(run, summary, _read_jsonl(run / name))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise InputError(f"a record lacks the field {exc} or has the wrong type", path=run / name) from None
     raise InputError("neither rounds.jsonl (federated) nor history.jsonl (centralized) found", path=run)
 
 

@@ -68,5 +68,8 @@ def test_what_is_not_a_finished_run_is_named(tmp_path):
     (run / "rounds.jsonl").write_text('{"round": 1}\n{"round": \n')
     with pytest.raises(InputError, match=r"rounds.jsonl:2: not JSON"):
         load_run(run)
+    (run / "rounds.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(InputError, match=r"rounds.jsonl: a record lacks the field 'dense_update_bytes'"):
+        load_run(run)
     result = CliRunner().invoke(main, ["compare", str(tmp_path / "missing")])
     assert result.exit_code != 0 and "no summary.json" in result.output
