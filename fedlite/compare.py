@@ -65,7 +65,8 @@ def load_run(run_dir: str | Path) -> RunSummary:
 def _federated(run: Path, summary: dict, rounds: list[dict]) -> RunSummary:
     config = summary.get("config", {})
     dense = sum(r["dense_update_bytes"] * len(r["bytes_received"]) for r in rounds)
-    flags = [config.get("strategy", "fedavg")]
+    mu = float(config.get("proximal-mu", 0.0) or 0.0)
+    flags = [f"fedprox μ={mu:g}" if mu > 0 else "fedavg"]
     if config.get("compress"):
         flags.append(f"top-k {config.get('topk-fraction')} + int8")
     if config.get("dp"):

@@ -23,7 +23,7 @@ def _federated_run(path, compress):
     (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     summary = {"rounds": 2, "best_round": 2, "best": rounds[1]["eval"], "last": rounds[1]["eval"],
                "bytes_sent": 4000, "bytes_received": 400 if compress else 4000, "epsilon": None,
-               "config": {"strategy": "fedavg", "compress": compress, "topk-fraction": 0.1, "dp": False,
+               "config": {"proximal-mu": 0.0 if compress else 0.01, "compress": compress, "topk-fraction": 0.1, "dp": False,
                           "freeze-rounds": 1, "local-epochs": 1}}
     (path / "summary.json").write_text(json.dumps(summary))
     return path
@@ -48,7 +48,8 @@ def test_runs_are_tabulated_with_metrics_bytes_and_compression(tmp_path):
     rows = markdown_table([dense, sparse, central]).splitlines()
     assert len(rows) == 5 and all(r.count("|") == rows[0].count("|") for r in rows)
     assert "| 70.0 % |" in rows[2] and "| 1.0× |" in rows[2]  # accuracy after round 2; dense updates
-    assert "| 10.0× |" in rows[3] and "top-k 0.1 + int8" in rows[3]
+    assert "| 10.0× |" in rows[3] and "fedavg, top-k 0.1 + int8" in rows[3]
+    assert "fedprox μ=0.01" in rows[2]
     assert "| 0.600 (2) |" in rows[4] and "| – |" in rows[4]  # best F1 at epoch 2; no bytes for centralized
 
 
