@@ -122,8 +122,10 @@ def plot_runs(runs: list[RunSummary], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4), sharex=True)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS) + 1.5, 4), sharex=True,
+                             layout="constrained")
     for ax, (key, label) in zip(axes, METRICS):
         for r in runs:
             points = [(step, m[key]) for step, m in r.curve if key in m]
@@ -132,8 +134,9 @@ def plot_runs(runs: list[RunSummary], path: Path) -> Path:
         ax.set_title(label)
         ax.set_xlabel("round / epoch")
         ax.set_ylim(0, 1.02)
-    axes[-1].legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize="small")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
