@@ -23,8 +23,8 @@ def _federated_run(path, compress):
     (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     summary = {"rounds": 2, "best_round": 2, "best": rounds[1]["eval"], "last": rounds[1]["eval"],
                "bytes_sent": 4000, "bytes_received": 400 if compress else 4000, "epsilon": None,
-               "config": {"proximal-mu": 0.0 if compress else 0.01, "compress": compress, "topk-fraction": 0.1, "dp": False,
-                          "freeze-rounds": 1, "local-epochs": 1}}
+               "config": {"proximal-mu": 0.0 if compress else 0.01, "compress": compress, "topk-fraction": 0.1,
+                          "dp": False, "freeze-rounds": 1, "local-epochs": 1}}
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
