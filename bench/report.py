@@ -85,10 +85,9 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from fedlite.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     top = str(max(int(t) for t in report["settings"]["threads"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -108,10 +107,7 @@ def plot(report: dict, path: Path) -> None:
     for handle in legend.legend_handles:  # equal-size legend markers; the plot's areas carry the size
         handle.set_sizes([30])
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
 
 
 def write_report(report: dict, out: str | Path) -> dict[str, Path]:

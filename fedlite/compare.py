@@ -118,11 +118,11 @@ def markdown_table(runs: list[RunSummary]) -> str:
 
 def plot_runs(runs: list[RunSummary], path: Path) -> Path:
     """Held-out accuracy, AUC and stage macro-F1 per round/epoch, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from fedlite.plots import pyplot, save_figure
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS) + 1.5, 4), sharex=True,
                              layout="constrained")
@@ -137,9 +137,4 @@ def plot_runs(runs: list[RunSummary], path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize="small")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -5,11 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_history(history: list[dict], path: Path, x_key: str = "epoch", title: str = "") -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend: servers and CI have no screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write the PNG beside its destination, then rename: a failed save never replaces a good one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_history(history: list[dict], path: Path, x_key: str = "epoch", title: str = "") -> Path:
+    plt = pyplot()
 
     xs = [h[x_key] for h in history]
     fig, (ax_loss, ax_metrics) = plt.subplots(1, 2, figsize=(10, 4))
@@ -28,8 +45,4 @@ def plot_history(history: list[dict], path: Path, x_key: str = "epoch", title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
