@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import re
 from pathlib import Path
@@ -69,11 +68,9 @@ def explanation_record(expl: CaseExplanation, case_id: str, bundle_meta: dict, n
 
 def render_png(expl: CaseExplanation, smear_rgb: np.ndarray) -> bytes:
     """The smear beside one heatmap of patch values per explained output (red: raises the output)."""
-    import matplotlib
+    from fedlite.plots import png_bytes, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(expl.output_names)
     fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 4.4))
     axes[0].imshow(smear_rgb)
@@ -93,10 +90,7 @@ def render_png(expl: CaseExplanation, smear_rgb: np.ndarray) -> bytes:
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, dpi=100)
 
 
 def _colour(value: float, bound: float) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from fedlite.atomic import atomic_write_bytes
 
 
 def pyplot():
@@ -15,13 +18,18 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Write the PNG beside its destination, then rename: a failed save never replaces a good one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+def png_bytes(fig, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes; the figure is closed, so long runs do not pile them up."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
     pyplot().close(fig)
-    tmp.replace(path)
+    return buffer.getvalue()
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Rendered in memory, then written atomically: a failed save never replaces a good one."""
+    path = Path(path)
+    atomic_write_bytes(path, png_bytes(fig, dpi))
     return path
 
 
