@@ -25,7 +25,8 @@ from fedlite.model import build_model
 from fedlite.plots import plot_history
 from fedlite.presets import get_preset
 from fedlite.text import builtin_tokenizer, load_tokenizer
-from fedlite.training import TrainConfig, evaluate_model, resolve_device, train_local
+from fedlite.training import (TrainConfig, evaluate_model, make_optimizer, parameter_groups, resolve_device,
+                              train_local)
 
 log = logging.getLogger(__name__)
 SPLIT_SUMMARY = "split.json"
@@ -102,11 +103,15 @@ def train_centralized(data: str | Path, out: str | Path, preset: str = "small", 
     history: list[dict] = []
     best: dict | None = None
     epochs = train_config.epochs
+    # One optimizer for the whole run: momentum and Adam's moments carry from epoch to epoch.
+    optimizer = make_optimizer(parameter_groups(model, train_config), train_config, train_config.lr)
+    warmup_steps = min(len(train_loader), round(train_config.warmup_fraction * epochs * len(train_loader)))
     for epoch in tqdm(range(epochs), desc=f"{preset}/{modality}", disable=not progress, unit="epoch"):
         lr_start = train_config.lr * (1 - epoch / epochs)
         lr_end = train_config.lr * (1 - (epoch + 1) / epochs)
         stats = train_local(model, train_loader, train_config, dev, lr_start, lr_end, epochs=1,
-                            progress=progress, desc=f"epoch {epoch + 1}/{epochs}")
+                            progress=progress, desc=f"epoch {epoch + 1}/{epochs}", optimizer=optimizer,
+                            first_epoch=epoch, warmup_steps=warmup_steps if epoch == 0 else 0)
         record = {"epoch": epoch + 1, "train_loss": stats.mean_loss, "train_seconds": stats.seconds,
                   "samples_per_second": stats.samples / stats.seconds, "peak_memory_mb": stats.peak_memory_mb}
         if eval_loader is not None:

@@ -121,6 +121,12 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
               help="sgd as in the paper (momentum 0.9, weight decay 5e-4); adamw for randomly initialised encoders.")
 @click.option("--gamma", default=1.0, show_default=True, help="Weight of the stage loss.")
+@click.option("--warmup", default=0.05, show_default=True,
+              help="Share of the steps over which the lr ramps up from 0 (centralized; at most one epoch).")
+@click.option("--clip-grad-norm", default=1.0, show_default=True,
+              help="Clip each step's gradient to this L2 norm, 0 for none (centralized).")
+@click.option("--pretrained-lr-scale", default=0.1, show_default=True,
+              help="lr factor for encoders loaded with --image-weights/--text-weights (centralized).")
 @click.option("--image-weights", type=click.Path(path_type=Path), default=None,
               help="A local timm ViT checkpoint file.")
 @click.option("--text-weights", type=click.Path(path_type=Path), default=None,
@@ -154,7 +160,8 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
               help="Run directory (default: runs/centralized or runs/federated).")
 def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, preset: str, modality: str,
           fusion: str, epochs: int, batch_size: int, lr: float, optimizer: str, gamma: float,
-          image_weights: Path | None, text_weights: Path | None, rounds: int, sites_per_round: int,
+          warmup: float, clip_grad_norm: float, pretrained_lr_scale: float, image_weights: Path | None,
+          text_weights: Path | None, rounds: int, sites_per_round: int,
           freeze_rounds: int, strategy: str, proximal_mu: float, dp: bool, noise_multiplier: float,
           max_grad_norm: float, dp_delta: float, compress: bool, topk: float, round_timeout: float,
           max_staleness: int, staleness_decay: float, convergence_tol: float, resume_dir: Path | None,
@@ -170,7 +177,9 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
         from fedlite.centralized import train_centralized
         from fedlite.training import TrainConfig
 
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, optimizer=optimizer)
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, optimizer=optimizer,
+                             warmup_fraction=warmup, clip_grad_norm=clip_grad_norm,
+                             pretrained_lr_scale=pretrained_lr_scale)
         result = train_centralized(data_dir, out or Path("runs/centralized"), preset=preset, modality=modality,
                                    fusion=fusion, train_config=config, eval_data=eval_data,
                                    image_weights=image_weights, text_weights=text_weights, device=device,

@@ -69,7 +69,8 @@ def run_quickstart(out: str | Path, cases: int = 1600, rounds: int = 8, local_ep
 
     start = step(f"4/8 centralized baseline on the pooled sites, {epochs} epochs")
     run = train_centralized(split.out_dir, out / "centralized", preset=preset, seed=seed,
-                            train_config=TrainConfig(epochs=epochs, lr=LR, optimizer=OPTIMIZER))
+                            train_config=TrainConfig(epochs=epochs, lr=LR, optimizer=OPTIMIZER,
+                                                     warmup_fraction=0.05, clip_grad_norm=1.0))
     timings["centralized"] = time.perf_counter() - start
 
     # The last checkpoints: both have then trained the same number of epochs.

@@ -30,6 +30,13 @@ class TrainConfig:
     gamma: float = 1.0
     proximal_mu: float = 0.0
     optimizer: str = "sgd"
+    # The centralized run's first steps ramp the lr up from 0 (a share of all its steps, at most one
+    # epoch): Adam's early, poorly estimated steps otherwise knock a transformer from scratch off course.
+    warmup_fraction: float = 0.0
+    clip_grad_norm: float = 0.0  # > 0: rescale each step's gradient to at most this global L2 norm
+    # Encoders loaded from pretrained weights train at lr × this, so the steps that a randomly
+    # initialised encoder needs do not wipe out what the pretrained one knows.
+    pretrained_lr_scale: float = 1.0
 
 
 @dataclass
@@ -69,7 +76,23 @@ def peak_memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def parameter_groups(model: FedMMX | FusionHead, config: TrainConfig) -> list[dict]:
+    """The trainable parameters as optimizer groups, each with the ``lr_scale`` ``set_linear_lr``
+    applies: ``config.pretrained_lr_scale`` for encoders ``build_model`` loaded from weights, 1 else."""
+    pretrained: set[int] = set()
+    if isinstance(model, FedMMX):
+        init = model.config.init or {}
+        for part, encoder in (("image", model.image_encoder), ("text", model.text_encoder)):
+            if encoder is not None and str(init.get(part, "")).startswith("pretrained"):
+                pretrained |= {id(p) for p in encoder.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in pretrained], "lr_scale": 1.0},
+              {"params": [p for p in trainable if id(p) in pretrained], "lr_scale": config.pretrained_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(params: list[torch.nn.Parameter] | list[dict], config: TrainConfig,
+                   lr: float) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
@@ -78,27 +101,37 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, lr: fl
 
 
 def set_linear_lr(optimizer: torch.optim.Optimizer, lr_start: float, lr_end: float, step: int,
-                  total_steps: int) -> None:
+                  total_steps: int, warmup_steps: int = 0) -> None:
+    """lr from ``lr_start`` to ``lr_end`` linearly over ``total_steps``, times (step + 1)/warmup_steps
+    during the first ``warmup_steps``, times each group's ``lr_scale``."""
     lr = lr_start + (lr_end - lr_start) * step / total_steps
+    if step < warmup_steps:
+        lr *= (step + 1) / warmup_steps
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: torch.device,
                 lr_start: float, lr_end: float, epochs: int | None = None,
                 global_params: dict[str, torch.Tensor] | None = None,
-                progress: bool = True, desc: str = "train") -> TrainStats:
+                progress: bool = True, desc: str = "train",
+                optimizer: torch.optim.Optimizer | None = None, first_epoch: int = 0,
+                warmup_steps: int = 0) -> TrainStats:
     """Train in place for ``epochs`` (default ``config.epochs``) with lr decaying linearly from
     ``lr_start`` to ``lr_end`` over the steps of this call.
 
     ``global_params`` with ``config.proximal_mu > 0`` adds FedProx's (μ/2)‖θ − θ_global‖² over the
-    trainable parameters.
+    trainable parameters. A caller that trains one epoch per call (to evaluate in between) passes
+    its ``optimizer``, so momentum and Adam's moments carry over, and ``first_epoch``, so every epoch
+    draws its own augmentations; without them each call starts afresh, as a federated site's round does.
+    The first ``warmup_steps`` of the call ramp the lr up; ``config.clip_grad_norm`` clips each step.
     """
     epochs = config.epochs if epochs is None else epochs
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config, lr_start)
+    if optimizer is None:
+        optimizer = make_optimizer(parameter_groups(model, config), config, lr_start)
     total_steps = max(1, epochs * len(loader))
     use_prox = global_params is not None and config.proximal_mu > 0
     if use_prox:
@@ -111,9 +144,9 @@ def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: 
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, unit="step")
     for epoch in range(epochs):
         if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(epoch)
+            loader.dataset.set_epoch(first_epoch + epoch)
         for batch in loader:
-            set_linear_lr(optimizer, lr_start, lr_end, steps, total_steps)
+            set_linear_lr(optimizer, lr_start, lr_end, steps, total_steps, warmup_steps)
             batch = to_device(batch, device)
             with autocast_for(device):
                 out = forward_batch(model, batch)
@@ -123,6 +156,8 @@ def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: 
                 loss = loss + 0.5 * config.proximal_mu * prox
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             optimizer.step()
             loss_sum += loss.detach() * len(batch["leukemia"])
             samples += len(batch["leukemia"])

@@ -32,7 +32,8 @@ def teacher_run(tmp_path_factory):
     synthesize(root / "data", n_cases=240, seed=5, workers=1, progress=False)
     split = split_dataset(root / "data", clients=3, alpha=1.0, seed=0)
     run = train_centralized(split.out_dir, root / "run", preset="tiny", progress=False,
-                            train_config=TrainConfig(epochs=3, batch_size=16, optimizer="adamw", lr=1e-3))
+                            train_config=TrainConfig(epochs=3, batch_size=16, optimizer="adamw", lr=3e-3,
+                                                     warmup_fraction=0.05, clip_grad_norm=1.0))
     return run.last_checkpoint, split.out_dir
 
 

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,10 +11,10 @@ from fedlite.cli import main
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.errors import InputError
 from fedlite.evaluate import evaluate_checkpoint
-from fedlite.model import build_model
+from fedlite.model import FedMMX, build_model
 from fedlite.presets import get_preset
 from fedlite.text import builtin_tokenizer
-from fedlite.training import TrainConfig, train_local
+from fedlite.training import TrainConfig, make_optimizer, parameter_groups, set_linear_lr, train_local
 
 CPU = torch.device("cpu")
 
@@ -43,6 +44,50 @@ def test_local_training_fits_a_small_set(synth_data):
         last = train_local(model, loader, config, CPU, 3e-3, 3e-3, progress=False)
     assert last.mean_loss < first.mean_loss - 0.2
     assert first.samples == len(synth_data) and first.steps == len(loader)
+
+
+def test_epoch_by_epoch_calls_carry_the_optimizer_and_draw_new_augmentations(synth_data, monkeypatch):
+    seen = []
+    monkeypatch.setattr(CaseDataset, "set_epoch", lambda self, epoch: seen.append(epoch))
+    model = build_model(get_preset("tiny"))
+    loader = _loader(synth_data, batch_size=16)
+    config = TrainConfig(epochs=1, optimizer="adamw")
+    optimizer = make_optimizer(list(model.parameters()), config, 1e-3)
+    for epoch in range(2):
+        train_local(model, loader, config, CPU, 1e-3, 1e-3, progress=False, optimizer=optimizer,
+                    first_epoch=epoch)
+    assert seen == [0, 1]
+    steps = {int(state["step"]) for state in optimizer.state.values()}
+    assert steps == {2 * len(loader)}
+
+
+def test_lr_warms_up_then_decays_and_pretrained_encoders_get_their_share():
+    config = replace(get_preset("tiny"), init={"image": "random", "text": "pretrained:minilm"})
+    model = FedMMX(config)
+    groups = parameter_groups(model, TrainConfig(pretrained_lr_scale=0.1))
+    text_ids = {id(p) for p in model.text_encoder.parameters()}
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.1]
+    assert {id(p) for p in groups[1]["params"]} == text_ids
+    assert not text_ids & {id(p) for p in groups[0]["params"]}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    optimizer = make_optimizer(groups, TrainConfig(optimizer="adamw"), 1.0)
+    lrs = []
+    for step in range(10):
+        set_linear_lr(optimizer, 1.0, 0.0, step, 10, warmup_steps=4)
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+    assert [round(a, 6) for a, _ in lrs[:5]] == [0.25, 0.45, 0.6, 0.7, 0.6]
+    assert all(abs(b - 0.1 * a) < 1e-12 for a, b in lrs)
+
+
+def test_clipping_bounds_each_step(synth_data):
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", modality="text"))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    config = TrainConfig(epochs=1, lr=1.0, momentum=0.0, weight_decay=0.0, clip_grad_norm=1e-3)
+    train_local(model, _loader(synth_data, "text", batch_size=len(synth_data)), config, CPU, 1.0, 1.0,
+                progress=False)
+    moved = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm()
+    assert 0 < moved <= 1e-3 * 1.0001
 
 
 def test_frozen_encoders_do_not_change(synth_data):
@@ -110,12 +155,17 @@ def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "ckpt")
 
 
-def test_centralized_run_writes_checkpoints_history_and_curves(tmp_path, synth_split):
+def test_centralized_run_writes_checkpoints_history_and_curves(tmp_path, synth_split, monkeypatch):
+    epochs_seen, optimizers = [], []
+    monkeypatch.setattr(CaseDataset, "set_epoch", lambda self, epoch: epochs_seen.append(epoch))
+    monkeypatch.setattr("fedlite.centralized.make_optimizer",
+                        lambda *args: optimizers.append(make_optimizer(*args)) or optimizers[-1])
     result = train_centralized(synth_split.out_dir, tmp_path / "run", preset="tiny",
                                train_config=TrainConfig(epochs=2, batch_size=16), progress=False)
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
+    assert epochs_seen == [0, 1] and len(optimizers) == 1  # fresh augmentations, one optimizer throughout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["best"]["stage_macro_f1"] == max(h["eval"]["stage_macro_f1"] for h in history)
     again = evaluate_checkpoint(result.best_checkpoint, synth_split.out_dir / "test", progress=False)
@@ -134,9 +184,12 @@ def test_cli_pipeline_synth_split_check_train_evaluate(tmp_path):
     check = run(main, ["data", "check", str(data / "split" / "site-01")])
     assert check.exit_code == 0 and "no problems found" in check.output
     train = run(main, ["train", "--centralized", "--data", str(data / "split"), "--preset", "tiny",
-                       "--modality", "text", "--epochs", "1", "--out", str(tmp_path / "run")])
+                       "--modality", "text", "--epochs", "1", "--clip-grad-norm", "0.5",
+                       "--out", str(tmp_path / "run")])
     assert train.exit_code == 0, train.output
     assert "stage macro-F1" in train.output
+    recipe = json.loads((tmp_path / "run" / "summary.json").read_text())["training"]
+    assert (recipe["warmup_fraction"], recipe["clip_grad_norm"], recipe["pretrained_lr_scale"]) == (0.05, 0.5, 0.1)
     evaluation = run(main, ["evaluate", str(tmp_path / "run" / "best"), "--data", str(data / "split" / "test"),
                             "--json"])
     assert evaluation.exit_code == 0
