@@ -1,6 +1,7 @@
 """The one local training loop: the centralized baseline calls it per epoch, federated sites call it
-per round. SGD with momentum, linearly decaying lr, bf16 autocast on CUDA, an optional FedProx
-proximal term, and no host round trips inside the step."""
+per round. SGD with momentum or AdamW, linearly decaying lr with an optional warmup, optional
+gradient clipping, bf16 autocast on CUDA, an optional FedProx proximal term, and no host round trips
+inside the step."""
 
 from __future__ import annotations
 
