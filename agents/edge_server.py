@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
-from fedlite.agents.edge_client import METRIC_KEYS
 from fedlite.agents.embedding_cache import encoder_fingerprint
 from fedlite.atomic import atomic_write_text
 from fedlite.export.bundle import verify_bundle
@@ -28,41 +27,25 @@ from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from fedlite.federated.aggregate import weighted_delta
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import to_record
-from fedlite.federated.server_app import (RUN_CONFIG, Outstanding, accept_updates, collect, site_settings,
-                                          wait_for_nodes)
+from fedlite.federated.rounds import (QUERY_TIMEOUT, Outstanding, accept_updates, collect, federated_evaluate, push,
+                                      sample_sites, wait_for_nodes)
+from fedlite.federated.server_app import RUN_CONFIG, site_settings
 
 log = logging.getLogger(__name__)
 ROUNDS = "edge_rounds.jsonl"
-EVAL_TIMEOUT = 600.0
 
 
-def evaluate_sites(grid: Grid, weights: dict[str, np.ndarray], config: dict, nodes: list[int],
-                   timeout: float) -> dict:
-    """Every site's metrics of the head ``weights`` on its own cases, and their case-weighted mean."""
+HEADLINE = ("loss", "accuracy", "auc", "stage_macro_f1")
+
+
+def evaluate_head_at_sites(grid: Grid, weights: dict[str, np.ndarray], config: dict, nodes: list[int],
+                           num_stages: int, timeout: float) -> dict:
+    """The head ``weights`` scored on the sites' validation parts: merged metrics and cases per site."""
     content = RecordDict({"arrays": to_record(weights), "config": ConfigRecord(config)})
-    ids = list(grid.push_messages([Message(content, dst_node_id=n, message_type="evaluate") for n in nodes]))
-    pending, replies = set(ids), []
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        for msg in grid.pull_messages(list(pending)):
-            pending.discard(msg.metadata.reply_to_message_id)
-            replies.append(msg)
-        time.sleep(0.05)
-    per_site, failed = {}, []
-    for msg in replies:
-        if msg.has_error():
-            failed.append(msg.error.reason)
-            continue
-        per_site[str(msg.content["info"]["site"])] = dict(msg.content["metrics"])
-    for reason in failed:
-        log.warning("a site could not evaluate the head: %s", reason)
-    total = sum(int(m["num-examples"]) for m in per_site.values())
-    mean = {}
-    for key in METRIC_KEYS:
-        scored = [(m[key], int(m["num-examples"])) for m in per_site.values() if key in m]
-        if scored:
-            mean[key] = float(np.average([v for v, _ in scored], weights=[n for _, n in scored]))
-    return {"mean": mean, "cases": total, "sites": per_site, "failed": len(failed) + len(pending)}
+    evaluation = federated_evaluate(grid, nodes, content, num_stages, timeout)
+    return {"metrics": evaluation.metrics, "headline": {k: evaluation.metrics[k] for k in HEADLINE
+                                                         if k in evaluation.metrics},
+            **evaluation.to_record()}
 
 
 def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> dict:
@@ -78,13 +61,14 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> 
                 "bundle-version": int(meta["bundle_version"])}
     head_bytes = int(sum(a.size for a in weights.values()) * 4)
     student_bytes = int(meta["model"]["parameters"]) * 4
-    eval_timeout = cfg.round_timeout or EVAL_TIMEOUT
+    eval_timeout = cfg.round_timeout or QUERY_TIMEOUT
 
+    num_stages = len(meta["stage_names"])
     nodes = wait_for_nodes(grid, cfg.min_sites)
-    before = evaluate_sites(grid, weights, settings, nodes, eval_timeout)
+    before = evaluate_head_at_sites(grid, weights, settings, nodes, num_stages, eval_timeout)
     history = [{"round": 0, "eval": before}]
     log.info("edge fine-tuning of %s (head: %d parameters) across %d sites; before: %s", bundle,
-             head_bytes // 4, len(nodes), before["mean"])
+             head_bytes // 4, len(nodes), before["headline"])
     rng = np.random.default_rng([cfg.seed, 0])
     outstanding: dict[str, Outstanding] = {}
     after = before
@@ -92,11 +76,10 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> 
     for server_round in bar:
         start = time.perf_counter()
         nodes = wait_for_nodes(grid, cfg.min_sites)
-        k = len(nodes) if cfg.sites_per_round <= 0 else min(cfg.sites_per_round, len(nodes))
-        sampled = sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
+        sampled = sample_sites(nodes, cfg.sites_per_round, rng)
         record = to_record(weights)
         content = RecordDict({"arrays": record, "config": ConfigRecord({**settings, "server-round": server_round})})
-        ids = list(grid.push_messages([Message(content, dst_node_id=n, message_type="train") for n in sampled]))
+        ids = push(grid, content, sampled, "train")
         for message_id, node in zip(ids, sampled):
             outstanding[message_id] = Outstanding(node, server_round, shapes)
         replies = collect(grid, outstanding, server_round, set(ids), cfg.round_timeout, cfg.max_staleness)
@@ -105,7 +88,7 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> 
             delta = weighted_delta(accepted, cfg.staleness_decay)
             weights = {n: (weights[n] + delta[n]).astype(np.float32) for n in weights}
         train_seconds = time.perf_counter() - start
-        after = evaluate_sites(grid, weights, settings, nodes, eval_timeout)
+        after = evaluate_head_at_sites(grid, weights, settings, nodes, num_stages, eval_timeout)
         received = replies.bytes_received
         mean_received = float(np.mean(list(received.values()))) if received else float("nan")
         row = {
@@ -129,16 +112,18 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> 
         history.append(row)
         with (out / ROUNDS).open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
-        if after["mean"]:
-            bar.set_postfix(acc=f"{after['mean'].get('accuracy', float('nan')):.3f}")
+        if after["metrics"]:
+            bar.set_postfix(acc=f"{after['metrics']['accuracy']:.3f}")
     bar.close()
 
-    update = {"kind": "edge fine-tuning", "rounds": cfg.rounds, "sites": sorted(after["sites"]),
-              "cases": after["cases"], "local_metrics_before": before["mean"], "local_metrics_after": after["mean"],
+    update = {"kind": "edge fine-tuning", "rounds": cfg.rounds, "sites": sorted(after["cases"]),
+              "validation_cases": after["cases"], "validation_before": before["headline"],
+              "validation_after": after["headline"],
               "dp": cfg.dp, "compress": cfg.compress, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     new_meta = write_bundle_with_head(bundle, out / "bundle", weights, update, force=True)
     summary = {"bundle": str(out / "bundle"), "bundle_version": new_meta["bundle_version"],
-               "before": before["mean"], "after": after["mean"], "rounds": len(history) - 1,
+               "before": before["headline"], "after": after["headline"], "validation_cases": after["cases"],
+               "rounds": len(history) - 1,
                "bytes_received": sum(sum(h["bytes_received"].values()) for h in history[1:]),
                "bytes_sent": sum(h["bytes_sent"] for h in history[1:]),
                "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),

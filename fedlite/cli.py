@@ -148,6 +148,15 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--max-staleness", default=2, show_default=True, help="Rounds a late update may lag.")
 @click.option("--staleness-decay", default=0.5, show_default=True, help="λ in (N_c/N)·e^(−λτ).")
 @click.option("--convergence-tol", default=0.0, show_default=True, help="Stop when ‖θ_t+1 − θ_t‖ is below it.")
+@click.option("--eval-every", default=1, show_default=True,
+              help="Federated evaluation every N rounds (and after the last): sites score the global model on "
+                   "their validation parts and send statistics only; best/ is the round they scored best.")
+@click.option("--site-val-fraction", default=0.2, show_default=True,
+              help="Share of each site's cases held out for validation (by case id, per stratum) when the site "
+                   "has no val/ directory of its own.")
+@click.option("--server-test", type=click.Path(path_type=Path), default=None,
+              help="A pooled test set the coordinator scores beside the federated metrics (research protocol; "
+                   "default in simulation: SPLIT/test when it exists).")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
               help="Continue a federated run from its last completed round.")
 @click.option("--edge", "edge_bundle", type=click.Path(path_type=Path), default=None,
@@ -164,7 +173,8 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
           text_weights: Path | None, rounds: int, sites_per_round: int,
           freeze_rounds: int, strategy: str, proximal_mu: float, dp: bool, noise_multiplier: float,
           max_grad_norm: float, dp_delta: float, compress: bool, topk: float, round_timeout: float,
-          max_staleness: int, staleness_decay: float, convergence_tol: float, resume_dir: Path | None,
+          max_staleness: int, staleness_decay: float, convergence_tol: float, eval_every: int,
+          site_val_fraction: float, server_test: Path | None, resume_dir: Path | None,
           edge_bundle: Path | None, device: str, workers: int, seed: int, out: Path | None) -> None:
     """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
     from fedlite.metrics import format_metrics
@@ -201,6 +211,7 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
             split_dir=str(data_dir), out=str(out or Path("runs/federated")), preset=preset, modality=modality,
             fusion=fusion, rounds=rounds, sites_per_round=sites_per_round, freeze_rounds=freeze_rounds,
             convergence_tol=convergence_tol, round_timeout=round_timeout, max_staleness=max_staleness,
+            eval_every=eval_every, site_val_fraction=site_val_fraction, server_test=str(server_test or ""),
             staleness_decay=staleness_decay, local_epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, gamma=gamma, proximal_mu=proximal_mu if strategy == "fedprox" else 0.0,
             dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
@@ -217,7 +228,13 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
     summary = run_federated_simulation(cfg, resume=resume_dir is not None)
     if summary.get("best"):
         stage_names = json.loads((Path(cfg.out) / "best" / "config.json").read_text())["stage_names"]
+        cases = summary["eval_cases"]
+        click.echo(f"federated evaluation, best round ({sum(cases.values())} validation cases at {len(cases)} sites):")
         click.echo(format_metrics(summary["best"], stage_names))
+        if summary.get("server_test"):
+            test = summary["server_test"]
+            click.echo(f"\nserver test set, last round: accuracy {test['accuracy'] * 100:.2f} %, AUC {test['auc']:.4f}, "
+                       f"stage macro-F1 {test['stage_macro_f1']:.4f}")
     sent, received = summary["bytes_sent"], summary["bytes_received"]
     click.echo(f"\nrounds: {summary['rounds']} (best: {summary['best_round']}); sent {sent / 1e6:.1f} MB, "
                f"received {received / 1e6:.1f} MB" + (f"; worst site ε = {summary['epsilon']:.2f}"
@@ -230,7 +247,9 @@ def format_edge_summary(summary: dict) -> str:
     def line(metrics: dict) -> str:
         return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or "-"
 
-    return (f"local metrics before: {line(summary['before'])}\nlocal metrics after:  {line(summary['after'])}\n"
+    cases = summary.get("validation_cases", {})
+    return (f"validation ({sum(cases.values())} held-out cases at {len(cases)} sites)\n"
+            f"  before: {line(summary['before'])}\n  after:  {line(summary['after'])}\n"
             f"rounds: {summary['rounds']}; sent {summary['bytes_sent'] / 1e3:.1f} kB, received "
             f"{summary['bytes_received'] / 1e3:.1f} kB"
             + (f"; worst site ε = {summary['epsilon']:.2f}" if summary.get("epsilon") is not None else "")

@@ -11,8 +11,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedlite.agents.edge_client import edge_evaluate, edge_train
 from fedlite.agents.embedding_cache import encoder_fingerprint, site_embeddings
 from fedlite.agents.runtime import BundleRuntime
+from fedlite.data.holdout import site_parts
 from fedlite.data.manifest import read_dataset
 from fedlite.errors import InputError
+from fedlite.eval_stats import EvalStats
 from fedlite.export.bundle import verify_bundle
 from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from fedlite.federated.compress import decode_update, is_encoded
@@ -70,7 +72,8 @@ def test_a_site_sends_only_a_compressed_head_update_and_aggregates(teacher_bundl
     assert dict(reply.content["info"]) == {"site": "site-01", "compressed": True}
     metrics = dict(reply.content["metrics"])
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # aggregates only, no per-case values
-    assert metrics["num-examples"] == len(read_dataset(split / "site-01"))
+    parts = site_parts(split / "site-01")
+    assert metrics["num-examples"] == len(parts.train)  # the validation part never trains
     arrays = from_record(reply.content["arrays"])
     assert is_encoded(arrays)
     weights = read_head_weights(teacher_bundle)
@@ -83,8 +86,10 @@ def test_a_site_sends_only_a_compressed_head_update_and_aggregates(teacher_bundl
     assert sent < dense and student / sent >= 100
 
     evaluation = edge_evaluate(_train_message(teacher_bundle, cfg), context, None, {})
-    assert set(evaluation.content.keys()) == {"metrics", "info"}
-    assert {"loss", "accuracy", "num-examples"} <= set(dict(evaluation.content["metrics"]))
+    assert set(evaluation.content.keys()) == {"stats", "metrics", "info"}
+    assert dict(evaluation.content["metrics"])["num-examples"] == len(parts.val) > 0
+    stats = EvalStats.from_arrays(from_record(evaluation.content["stats"]), num_stages=4)  # counts only
+    assert stats.cases == len(parts.val) and stats.positives == sum(c.leukemia for c in parts.val.cases)
 
 
 def test_a_site_trains_its_head_under_dp_and_accounts_epsilon(teacher_bundle, teacher_run, tmp_path):
@@ -115,12 +120,14 @@ def test_edge_simulation_improves_local_loss_and_writes_a_new_bundle(teacher_bun
                                        "--out", str(tmp_path / "edge")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "edge" / "summary.json").read_text())
-    assert "local metrics before: loss" in result.output and f"version {summary['bundle_version']}" in result.output
+    assert "held-out cases at 3 sites" in result.output and f"version {summary['bundle_version']}" in result.output
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert summary["after"]["accuracy"] >= summary["before"]["accuracy"] - 0.02
     new = verify_bundle(summary["bundle"])
     assert new["bundle_version"] == verify_bundle(teacher_bundle)["bundle_version"] + 1
-    assert new["head_updates"][-1]["local_metrics_after"] == summary["after"]
+    assert new["head_updates"][-1]["validation_after"] == summary["after"]
+    assert sum(new["head_updates"][-1]["validation_cases"].values()) == sum(
+        len(site_parts(split / site).val) for site in ("site-01", "site-02", "site-03"))
     old_head, new_head = read_head_weights(teacher_bundle), read_head_weights(summary["bundle"])
     assert any(not np.array_equal(old_head[k], new_head[k]) for k in old_head)
     assert new["files"]["image_encoder.onnx"] == verify_bundle(teacher_bundle)["files"]["image_encoder.onnx"]

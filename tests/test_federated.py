@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from fedlite.data.holdout import site_parts
 from fedlite.federated.aggregate import SiteUpdate, aggregation_weights, screen_updates, weighted_delta
-from fedlite.federated.client_app import RESIDUAL, train_site
+from fedlite.federated.client_app import train_site
+from fedlite.federated.site_update import RESIDUAL
 from fedlite.federated.compress import is_encoded
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import frozen_fingerprint, get_arrays, to_record, trainable_names
@@ -112,7 +114,7 @@ def test_a_site_sends_only_parameters_and_aggregate_metrics(synth_split, compres
             assert value.shape == shapes[name] if not compress else value.size <= max(np.prod(shapes[name]), 4)
         metrics = dict(reply.content["metrics"])
         assert all(isinstance(v, (int, float)) for v in metrics.values())
-        assert metrics["num-examples"] == len(notes)
+        assert metrics["num-examples"] == len(site_parts(site_dir).train)  # the validation part never trains
         info = _strings(reply.content["info"])
         assert not any(note[:40] in s for note in notes for s in info)
         assert all(len(s) < 40 for s in info)
@@ -151,7 +153,7 @@ def test_simulated_run_records_rounds_bytes_and_checkpoints(tmp_path, synth_spli
     for r in rounds:  # sites' compute, transport, aggregation and evaluation add up to the round
         assert r["slowest_site_train_seconds"] <= r["site_training_seconds"] <= r["site_compute_seconds"]
         assert r["site_compute_seconds"] <= r["round_seconds"]
-        parts = r["site_compute_seconds"] + r["communication_seconds"] + r["aggregate_seconds"] + r["server_eval_seconds"]
+        parts = r["site_compute_seconds"] + r["communication_seconds"] + r["aggregate_seconds"] + r["eval_seconds"]
         assert parts == pytest.approx(r["round_seconds"], rel=1e-6)
     assert summary["rounds"] == 2 and 0 <= summary["last"]["accuracy"] <= 1
     for name in ("best/model.safetensors", "last/model.safetensors", "curves.png", "summary.json"):
@@ -197,7 +199,7 @@ def test_pyproject_declares_the_flower_app_with_every_setting():
     assert valid, errors
     flat = pyproject["tool"]["flwr"]["app"]["config"]
     assert set(flat) == set(FederatedConfig().to_flat())
-    assert FederatedConfig.from_flat(flat).split_dir == "data/split"
+    assert FederatedConfig.from_flat(flat).server_test == ""  # the coordinator needs no cases
 
 
 def test_a_dp_site_reports_an_epsilon_that_accumulates_over_rounds(synth_split):
@@ -244,7 +246,7 @@ class _SlowSiteGrid:
 
 
 def test_a_late_site_does_not_stall_the_round_and_is_folded_in_later():
-    from fedlite.federated.server_app import Outstanding, collect
+    from fedlite.federated.rounds import Outstanding, collect
 
     grid = _SlowSiteGrid(delay=10_000)
     outstanding = {"m1a": Outstanding(1, 1, SHAPES), "m1b": Outstanding(2, 1, SHAPES)}

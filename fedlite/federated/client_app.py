@@ -1,8 +1,10 @@
 """The site side of federated training (Flower ClientApp).
 
-On a train message a site loads the global trainable parameters into its model, trains on its own
-cases, and replies with the update Δθ = θ_local − θ_global (optionally DP-SGD, optionally
-compressed with error feedback) plus aggregate metrics. Nothing else leaves the site: no image, note,
+On a train message a site loads the global trainable parameters into its model, trains on the
+training part of its cases, and replies with the update Δθ = θ_local − θ_global (optionally DP-SGD,
+optionally compressed with error feedback) plus aggregate metrics. On an evaluate message it scores
+the global model on its validation part (``fedlite.data.holdout``) and replies with sufficient
+statistics (``fedlite.eval_stats``). Nothing else leaves the site: no image, note, case id,
 per-case prediction or explanation is ever put in a reply.
 
 The site's data directory comes from the SuperNode's node config (``data-dir``); in a simulation the
@@ -11,28 +13,23 @@ driver maps each simulated node's ``partition-id`` to a site of a split instead.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlite.data.loader import make_loader
 from fedlite.errors import InputError
-from fedlite.federated.compress import encode_update
+from fedlite.eval_stats import EvalStats
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import (from_record, frozen_fingerprint, get_arrays, set_arrays, to_record,
-                                      trainable_names)
+from fedlite.federated.params import from_record, frozen_fingerprint, set_arrays, trainable_names
+from fedlite.federated.site_update import local_update, stats_reply, update_reply
 from fedlite.federated.task import cached_dataset, cached_model
-from fedlite.training import TrainConfig, resolve_device, train_local
+from fedlite.training import predict, resolve_device
 
 log = logging.getLogger(__name__)
-RESIDUAL = "fedlite-residual"
-ACCOUNTANT = "fedlite-accountant"
 
 
 def site_data_dir(context: Context, split_dir: str | Path | None) -> Path:
@@ -60,14 +57,12 @@ def _prepare_model(cfg: FederatedConfig, num_stages: int, trainable: list[str], 
     return model
 
 
-def train_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
-    compute_start = time.time()  # wall clock, so the server can tell its sites' work from transport
+def global_model(msg: Message, cfg: FederatedConfig):
+    """The site's model holding the global parameters of ``msg``: its frozen part rebuilt locally
+    (and proven equal to the server's by the fingerprint), the trainable part from the message."""
     flat = dict(msg.content["config"])
-    cfg = FederatedConfig.from_flat(flat)
-    server_round = int(flat["server-round"])
-    data_dir = site_data_dir(context, split_dir)
     num_stages = int(flat["num-stages"])
-    frozen = cfg.encoders_frozen(server_round)
+    frozen = cfg.encoders_frozen(int(flat["server-round"]))
     trainable = trainable_names(cached_model(cfg, num_stages), frozen)
     model = _prepare_model(cfg, num_stages, trainable, str(flat["frozen-fingerprint"]))
     global_arrays = from_record(msg.content["arrays"])
@@ -75,69 +70,38 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
         raise InputError(f"the server sent {len(global_arrays)} tensors, expected {len(trainable)}")
     set_arrays(model, global_arrays)
     model.set_encoders_frozen(frozen)
+    return model, global_arrays
 
-    device = resolve_device(cfg.device)
-    dataset = cached_dataset(data_dir, cfg, model, train=True)
+
+def train_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
+    compute_start = time.time()  # wall clock, so the server can tell its sites' work from transport
+    flat = dict(msg.content["config"])
+    cfg = FederatedConfig.from_flat(flat)
+    server_round = int(flat["server-round"])
+    data_dir = site_data_dir(context, split_dir)
+    model, global_arrays = global_model(msg, cfg)
+
+    dataset = cached_dataset(data_dir, cfg, model, "train")
     dataset.seed = cfg.seed + 7919 * server_round  # fresh augmentations every round, still reproducible
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
-    train_config = TrainConfig(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                               optimizer=cfg.optimizer, gamma=cfg.gamma, proximal_mu=cfg.proximal_mu)
-    lr = cfg.lr_for_round(server_round)
-    metrics: dict[str, float | int] = {}
-    train_start = time.time()
-    if cfg.dp:
-        from fedlite.federated.privacy import PrivacyConfig, dp_train_local, epsilon
+    update = local_update(model, global_arrays, loader, cfg, server_round, context, resolve_device(cfg.device))
+    update.metrics.update({"compute-start": compute_start, "compute-end": time.time()})
+    return update_reply(msg, update, data_dir.name, cfg.compress)
 
-        privacy = PrivacyConfig(cfg.noise_multiplier, cfg.max_grad_norm, cfg.dp_delta)
-        state = load_accountant(context)
-        stats, state = dp_train_local(model, loader, train_config, device, lr, lr, privacy,
-                                      accountant_state=state, epochs=cfg.local_epochs)
-        store_accountant(context, state)
-        metrics["epsilon"] = float(epsilon(state, cfg.dp_delta))
+
+def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
+    """Score the global model on this site's validation part; reply with counts and sums only."""
+    start = time.perf_counter()
+    cfg = FederatedConfig.from_flat(dict(msg.content["config"]))
+    data_dir = site_data_dir(context, split_dir)
+    model, _ = global_model(msg, cfg)
+    dataset = cached_dataset(data_dir, cfg, model, "val")
+    if len(dataset):
+        probabilities = predict(model, make_loader(dataset, cfg.batch_size, shuffle=False), resolve_device(cfg.device))
+        stats = EvalStats.from_predictions(dataset.leukemia.numpy(), dataset.stage.numpy(), *probabilities)
     else:
-        anchors = {n: torch.from_numpy(v) for n, v in global_arrays.items()} if cfg.proximal_mu > 0 else None
-        stats = train_local(model, loader, train_config, device, lr, lr, epochs=cfg.local_epochs,
-                            global_params=anchors, progress=False)
-    train_end = time.time()
-    local = get_arrays(model, trainable)
-    delta = {n: local[n] - global_arrays[n] for n in trainable}
-    if cfg.compress:
-        residual = load_residual(context, delta)
-        encoded, residual = encode_update(delta, residual, topk_fraction=cfg.topk_fraction)
-        store_residual(context, residual)
-        arrays = encoded
-    else:
-        arrays = delta
-    metrics.update({"num-examples": len(dataset), "train-loss": stats.mean_loss,
-                    "train-seconds": stats.seconds, "peak-memory-mb": stats.peak_memory_mb,
-                    "steps": stats.steps, "samples": stats.samples,
-                    "train-start": train_start, "train-end": train_end,
-                    "compute-start": compute_start, "compute-end": time.time()})
-    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(metrics),
-                          "info": ConfigRecord({"site": data_dir.name, "compressed": cfg.compress})})
-    return Message(content, reply_to=msg)
-
-
-def load_residual(context: Context, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """What earlier rounds did not send; tensors that just became trainable start from zero."""
-    if RESIDUAL not in context.state:
-        return None
-    kept = from_record(context.state[RESIDUAL])
-    return {n: kept[n] if n in kept and kept[n].shape == v.shape else np.zeros_like(v) for n, v in delta.items()}
-
-
-def store_residual(context: Context, residual: dict[str, np.ndarray]) -> None:
-    context.state[RESIDUAL] = to_record(residual)
-
-
-def load_accountant(context: Context) -> dict | None:
-    if ACCOUNTANT not in context.state:
-        return None
-    return json.loads(str(context.state[ACCOUNTANT]["history"]))
-
-
-def store_accountant(context: Context, state: dict) -> None:
-    context.state[ACCOUNTANT] = ConfigRecord({"history": json.dumps(state)})
+        stats = EvalStats.empty(len(cfg.stages))
+    return stats_reply(msg, stats, data_dir.name, time.perf_counter() - start)
 
 
 def make_client_app(split_dir: str | Path | None = None, edge_defaults: dict[str, str] | None = None) -> ClientApp:
@@ -155,13 +119,11 @@ def make_client_app(split_dir: str | Path | None = None, edge_defaults: dict[str
 
     @client.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        """Only edge fine-tuning asks sites to evaluate; full-model runs evaluate on the server."""
-        from fedlite.agents.edge_client import edge_evaluate
+        if msg.content["config"].get("mode") == "edge":
+            from fedlite.agents.edge_client import edge_evaluate
 
-        if msg.content["config"].get("mode") != "edge":
-            raise InputError("this site evaluates only the heads of edge fine-tuning runs")
-
-        return edge_evaluate(msg, context, split_dir, edge_defaults or {})
+            return edge_evaluate(msg, context, split_dir, edge_defaults or {})
+        return evaluate_site(msg, context, split_dir)
 
     return client
 

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from fedlite.data.holdout import DEFAULT_VAL_FRACTION
+from fedlite.data.manifest import DEFAULT_STAGE_NAMES
 from fedlite.errors import InputError
 
 
 @dataclass(frozen=True)
 class FederatedConfig:
     # data and outputs (the server's view; sites find their own data through node config)
-    split_dir: str = ""
+    split_dir: str = ""  # simulation only: the split whose sites the simulated nodes are
     out: str = "runs/federated"
+    server_test: str = ""  # an optional pooled test set on the coordinator ("" = none: sites evaluate)
+    stage_names: str = ",".join(DEFAULT_STAGE_NAMES)  # comma-separated; every site's data must name the same
     # model
     preset: str = "small"
     modality: str = "both"
@@ -32,6 +36,7 @@ class FederatedConfig:
     max_staleness: int = 2  # late updates older than this many rounds are dropped (and logged)
     staleness_decay: float = 0.5  # λ in (N_c/N)·e^{−λτ}
     eval_every: int = 1
+    site_val_fraction: float = DEFAULT_VAL_FRACTION  # held out at each site that has no val/ of its own
     # local training
     local_epochs: int = 3
     batch_size: int = 32
@@ -60,9 +65,19 @@ class FederatedConfig:
             raise InputError("freeze rounds must be >= 0, local epochs and batch size >= 1")
         if not 0 < self.topk_fraction <= 1:
             raise InputError(f"top-k fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.eval_every < 1:
+            raise InputError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if not 0 <= self.site_val_fraction < 1:
+            raise InputError(f"the site validation fraction must be in [0, 1), got {self.site_val_fraction}")
+        if not all(self.stages):
+            raise InputError(f"stage names must be non-empty and comma-separated, got {self.stage_names!r}")
         if self.dp and self.proximal_mu > 0:
             raise InputError("FedProx's proximal term is not supported together with DP-SGD",
                              hint="drop --proximal-mu or --dp")
+
+    @property
+    def stages(self) -> list[str]:
+        return [name.strip() for name in self.stage_names.split(",")]
 
     def lr_for_round(self, server_round: int) -> float:
         """Linear decay with the global round (paper): full lr in round 1, lr/T in round T."""

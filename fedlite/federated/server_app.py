@@ -2,9 +2,12 @@
 
 Each round: sample sites, send them the global trainable parameters, collect their updates until
 the round's deadline, screen and average them (FedAvg, or FedProx whose term the sites add), apply
-the average, evaluate on the held-out global test split, record the round and checkpoint. A site that
-misses the deadline does not stall the round; its update is folded into a later one, damped by its
-staleness. ``resume`` continues a run whose server process died from its last completed round.
+the average, have the sites score it on their validation parts (federated evaluation: statistics
+only, merged here), record the round and checkpoint; ``best/`` is the round the sites scored best.
+The coordinator needs no patient data; a pooled test set (``server-test``) is optional and reported
+beside the federated metrics. A site that misses the deadline does not stall the round; its update
+is folded into a later one, damped by its staleness. ``resume`` continues a run whose server process
+died from its last completed round.
 """
 
 from __future__ import annotations
@@ -12,23 +15,23 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedlite.atomic import atomic_write_text
 from fedlite.checkpoint import load_checkpoint, save_checkpoint
 from fedlite.data.loader import CaseDataset, make_loader
-from fedlite.data.manifest import read_dataset
+from fedlite.data.manifest import LABEL_NAMES, read_dataset
 from fedlite.errors import InputError
-from fedlite.federated.aggregate import Rejection, SiteUpdate, check_update, screen_updates, update_norm, weighted_delta
-from fedlite.federated.compress import decode_update, is_encoded
+from fedlite.federated.aggregate import update_norm, weighted_delta
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import add_to_params, from_record, frozen_fingerprint, get_arrays, to_record, trainable_names
+from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, to_record, trainable_names
+from fedlite.federated.rounds import (QUERY_TIMEOUT, Outstanding, accept_updates, collect, federated_evaluate, push,
+                                      sample_sites, wait_for_nodes)
 from fedlite.federated.task import build_initial_model, run_tokenizer
 from fedlite.plots import plot_history
 from fedlite.training import evaluate_model, resolve_device
@@ -43,7 +46,7 @@ RUN_CONFIG = "run_config.json"
 
 def site_settings(cfg: FederatedConfig) -> dict:
     """The run settings sites need; the server's own paths stay on the server."""
-    return {k: v for k, v in cfg.to_flat().items() if k not in ("split-dir", "out")}
+    return {k: v for k, v in cfg.to_flat().items() if k not in ("split-dir", "out", "server-test")}
 
 
 def load_run_config(run_dir: str | Path) -> FederatedConfig:
@@ -52,82 +55,6 @@ def load_run_config(run_dir: str | Path) -> FederatedConfig:
     if not path.is_file():
         raise InputError(f"not a federated run directory (no {RUN_CONFIG})", path=run_dir)
     return FederatedConfig.from_flat({**json.loads(path.read_text()), "out": str(run_dir)})
-
-
-@dataclass
-class Outstanding:
-    """A train message whose reply has not arrived yet."""
-
-    node_id: int
-    server_round: int
-    shapes: dict[str, tuple[int, ...]]
-
-
-@dataclass
-class RoundReplies:
-    updates: list[SiteUpdate] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-    bytes_received: dict[str, int] = field(default_factory=dict)
-    late_dropped: list[str] = field(default_factory=list)
-
-
-def _site_of(msg: Message, sent: Outstanding) -> str:
-    info = msg.content.get("info") if not msg.has_error() else None
-    return str(info["site"]) if info is not None and "site" in info else f"node-{sent.node_id}"
-
-
-def _parse_reply(msg: Message, sent: Outstanding, server_round: int, replies: RoundReplies) -> None:
-    site = _site_of(msg, sent)
-    if msg.has_error():
-        replies.rejected.append(Rejection(site, f"site failed: {msg.error.reason}"))
-        return
-    try:
-        raw = from_record(msg.content["arrays"])
-        replies.bytes_received[site] = msg.content["arrays"].count_bytes()
-        delta = decode_update(raw, sent.shapes) if is_encoded(raw) else raw
-        metrics = dict(msg.content["metrics"])
-        num_examples = int(metrics["num-examples"])
-    except (InputError, KeyError, TypeError, ValueError) as exc:
-        replies.rejected.append(Rejection(site, f"malformed update: {exc}"))
-        return
-    replies.updates.append(SiteUpdate(site, delta, num_examples, server_round - sent.server_round, metrics))
-
-
-def collect(grid: Grid, outstanding: dict[str, Outstanding], server_round: int, current: set[str],
-            timeout: float, max_staleness: int) -> RoundReplies:
-    """Pull replies until every message of this round answered or the deadline passed; replies to
-    earlier rounds' messages that arrive meanwhile are kept as stale updates."""
-    replies = RoundReplies()
-    deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
-    while True:
-        for msg in grid.pull_messages(list(outstanding)):
-            sent = outstanding.pop(msg.metadata.reply_to_message_id, None)
-            if sent is not None:
-                _parse_reply(msg, sent, server_round, replies)
-        if not current & set(outstanding) or time.monotonic() >= deadline:
-            break
-        time.sleep(0.05)
-    for message_id, sent in list(outstanding.items()):
-        if server_round - sent.server_round >= max_staleness:
-            outstanding.pop(message_id)
-            replies.late_dropped.append(f"node-{sent.node_id}")
-    return replies
-
-
-def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]],
-                   server_round: int) -> tuple[list[SiteUpdate], list[Rejection]]:
-    """Screen this round's updates together and late ones each on its own; log every rejection."""
-    # Stale updates computed while other tensors were trainable are checked against their own round.
-    fresh = [u for u in replies.updates if u.staleness == 0]
-    stale = [u for u in replies.updates if u.staleness > 0 and set(u.delta) <= set(shapes)]
-    accepted, rejected = screen_updates(fresh, shapes)
-    for update in stale:
-        reason = check_update(update.delta, {n: shapes[n] for n in update.delta})
-        (rejected.append(Rejection(update.site, reason)) if reason else accepted.append(update))
-    rejected += replies.rejected
-    for rejection in rejected:
-        log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, rejection.reason)
-    return accepted, rejected
 
 
 def sites_busy_seconds(updates: list, start: float, end: float, fallback: float, what: str = "compute") -> float:
@@ -149,10 +76,20 @@ def sites_busy_seconds(updates: list, start: float, end: float, fallback: float,
     return busy
 
 
+def _server_test_loader(cfg: FederatedConfig, tokenizer, config, stage_names: list[str]):
+    """The optional pooled test set of the research protocol; a deployment needs none."""
+    if not cfg.server_test:
+        return None
+    test_set = read_dataset(cfg.server_test)
+    if list(test_set.info.stage_names) != stage_names:
+        raise InputError(f"the server test set's stages {list(test_set.info.stage_names)} differ from the run's "
+                         f"{stage_names}", path=Path(cfg.server_test) / "dataset.json")
+    return make_loader(CaseDataset(test_set, tokenizer if config.uses_text else None, config.text.max_length,
+                                   use_image=config.uses_image), cfg.batch_size, shuffle=False)
+
+
 def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
-    split = Path(cfg.split_dir)
-    test_set = read_dataset(split / "test")
-    stage_names, label_names = test_set.info.stage_names, test_set.info.label_names
+    stage_names, label_names = cfg.stages, list(LABEL_NAMES)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -166,9 +103,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         (out / ROUNDS).write_text("")
         atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_flat(), indent=2) + "\n")
     tokenizer = run_tokenizer(cfg)
-    config = model.config
-    test_loader = make_loader(CaseDataset(test_set, tokenizer if config.uses_text else None, config.text.max_length,
-                                          use_image=config.uses_image), cfg.batch_size, shuffle=False)
+    test_loader = _server_test_loader(cfg, tokenizer, model.config, stage_names)
     rng = np.random.default_rng([cfg.seed, state["round"]])
     outstanding: dict[str, Outstanding] = {}
     training_meta = {"mode": "federated", **cfg.to_flat()}
@@ -177,8 +112,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         start = time.perf_counter()
         wall_start = time.time()
         nodes = wait_for_nodes(grid, cfg.min_sites)
-        k = len(nodes) if cfg.sites_per_round <= 0 else min(cfg.sites_per_round, len(nodes))
-        sampled = sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
+        sampled = sample_sites(nodes, cfg.sites_per_round, rng)
         frozen = cfg.encoders_frozen(server_round)
         trainable = trainable_names(model, frozen)
         arrays = get_arrays(model, trainable)
@@ -186,9 +120,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         record = to_record(arrays)
         flat = {**site_settings(cfg), "server-round": server_round, "num-stages": len(stage_names),
                 "frozen-fingerprint": frozen_fingerprint(model, trainable)}
-        content = RecordDict({"arrays": record, "config": ConfigRecord(flat)})
-        messages = [Message(content, dst_node_id=node, message_type="train") for node in sampled]
-        ids = list(grid.push_messages(messages))
+        ids = push(grid, RecordDict({"arrays": record, "config": ConfigRecord(flat)}), sampled, "train")
         for message_id, node in zip(ids, sampled):
             outstanding[message_id] = Outstanding(node, server_round, shapes)
         replies = collect(grid, outstanding, server_round, set(ids), cfg.round_timeout, cfg.max_staleness)
@@ -201,13 +133,21 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
             step_norm = update_norm(delta)
         aggregate_seconds = time.perf_counter() - aggregate_start
         eval_start = time.perf_counter()
-        metrics = evaluate_model(model, test_loader, device) if server_round % cfg.eval_every == 0 or server_round == cfg.rounds else {}
+        evaluation, server_test = None, None
+        if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
+            content = RecordDict({"arrays": to_record(get_arrays(model, trainable)), "config": ConfigRecord(flat)})
+            evaluation = federated_evaluate(grid, nodes, content, len(stage_names), cfg.round_timeout or QUERY_TIMEOUT,
+                                            cfg.gamma)
+            if test_loader is not None:
+                server_test = evaluate_model(model, test_loader, device)
+        metrics = evaluation.metrics if evaluation is not None else {}
         eval_seconds = time.perf_counter() - eval_start
         round_seconds = time.perf_counter() - start
         fresh = [u for u in accepted if u.staleness == 0]
         slowest = max((float(u.metrics.get("train-seconds", 0.0)) for u in fresh), default=0.0)
-        compute = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds, slowest)
-        training = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds, slowest, what="train")
+        compute = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds - eval_seconds, slowest)
+        training = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds - eval_seconds, slowest,
+                                      what="train")
         record_row = {
             "round": server_round, "frozen_encoders": frozen, "lr": cfg.lr_for_round(server_round),
             "sites": [u.site for u in accepted], "rejected": [r.__dict__ for r in rejected],
@@ -219,13 +159,17 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
             "bytes_received": replies.bytes_received,
             "dense_update_bytes": int(sum(np.prod(s) for s in shapes.values()) * 4),
             "round_seconds": round_seconds, "slowest_site_train_seconds": slowest,
-            "aggregate_seconds": aggregate_seconds, "server_eval_seconds": eval_seconds,
+            "aggregate_seconds": aggregate_seconds, "eval_seconds": eval_seconds,
             "site_compute_seconds": compute, "site_training_seconds": training,
             "communication_seconds": max(0.0, round_seconds - compute - aggregate_seconds - eval_seconds),
             "samples_trained": int(sum(u.metrics.get("samples", 0) for u in accepted)),
             "site_train_seconds": {u.site: u.metrics.get("train-seconds") for u in accepted},
             "site_peak_memory_mb": {u.site: u.metrics.get("peak-memory-mb") for u in accepted},
         }
+        if evaluation is not None:
+            record_row["federated_eval"] = evaluation.to_record()
+        if server_test is not None:
+            record_row["server_test"] = server_test
         epsilons = [u.metrics["epsilon"] for u in accepted if "epsilon" in u.metrics]
         if epsilons:
             record_row["epsilon_worst_site"] = max(epsilons)
@@ -237,11 +181,12 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
             fh.write(json.dumps(record_row) + "\n")
         names = dict(stage_names=stage_names, label_names=label_names)
         meta = {**training_meta, "round": server_round}
+        kept = {**metrics, **({"server_test": server_test} if server_test else {})}
         score = metrics.get("stage_macro_f1")
         if score is not None and score > state["best_score"]:
             state.update(best_round=server_round, best_score=score)
-            save_checkpoint(out / "best", model, tokenizer, metrics=metrics, training=meta, **names)
-        save_checkpoint(out / "last", model, tokenizer, metrics=metrics, training=meta, **names)
+            save_checkpoint(out / "best", model, tokenizer, metrics=kept, training=meta, **names)
+        save_checkpoint(out / "last", model, tokenizer, metrics=kept, training=meta, **names)
         state["round"] = server_round
         atomic_write_text(out / STATE, json.dumps(state) + "\n")
         if metrics:
@@ -270,24 +215,15 @@ def _resume_state(out: Path, model) -> tuple[dict, list[dict]]:
     return {"round": completed, "best_round": best_round, "best_score": best_score}, history
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= max(1, minimum):
-            return nodes
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} sites connected after {timeout:.0f} s, need {minimum}")
-        time.sleep(0.5)
-
-
 def _write_summary(out: Path, cfg: FederatedConfig, history: list[dict], state: dict) -> dict:
     evaluated = [h for h in history if h.get("eval")]
     summary = {
         "rounds": len(history), "best_round": state["best_round"],
         "best": next((h["eval"] for h in evaluated if h["round"] == state["best_round"]), {}),
         "last": evaluated[-1]["eval"] if evaluated else {},
-        "bytes_sent": sum(h["bytes_sent"] for h in history),
+        "server_test": next((h["server_test"] for h in reversed(history) if "server_test" in h), None),
+        "eval_cases": evaluated[-1].get("federated_eval", {}).get("cases", {}) if evaluated else {},
+        "bytes_sent": sum(h["bytes_sent"] + h.get("federated_eval", {}).get("bytes_sent", 0) for h in history),
         "bytes_received": sum(sum(h["bytes_received"].values()) for h in history),
         "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),
         "config": cfg.to_flat(),

@@ -1,14 +1,20 @@
 """Run a federated training on one machine with Flower's simulation runtime: one simulated
-SuperNode per site of a split, the same ServerApp and ClientApp as a real deployment."""
+SuperNode per site of a split, the same ServerApp and ClientApp as a real deployment.
+
+Only the ClientApps are given the sites' directories. The coordinator reads the split's
+``split.json`` (site names and the stage names) and, as the research protocol, its pooled ``test/``
+when there is one; it never opens a site's cases."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 
-from fedlite.data.split import load_split
+from fedlite.data.manifest import MANIFEST
+from fedlite.data.split import TEST, SplitSummary, load_split
 from fedlite.errors import InputError
 from fedlite.federated.client_app import make_client_app
 from fedlite.federated.config import FederatedConfig
@@ -25,6 +31,15 @@ def backend_config(sites: int, gpus: int) -> dict:
     return {"client_resources": resources, "init_args": {"num_cpus": cpus, "num_gpus": gpus}}
 
 
+def simulation_config(cfg: FederatedConfig, split: SplitSummary) -> FederatedConfig:
+    """The split's stage names, and its pooled test set as the server-side test when it has one."""
+    changes = {"stage_names": ",".join(split.stratum_names[1:])}
+    test = Path(cfg.split_dir) / TEST
+    if not cfg.server_test and (test / MANIFEST).is_file():
+        changes["server_test"] = str(test)
+    return dataclasses.replace(cfg, **changes)
+
+
 def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
     import torch
     from flwr.simulation import run_simulation
@@ -32,6 +47,7 @@ def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progres
     split = load_split(cfg.split_dir)
     if not split.sites:
         raise InputError("the split has no sites", path=cfg.split_dir)
+    cfg = simulation_config(cfg, split)
     gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
     summary_path = Path(cfg.out) / "summary.json"
     if not resume:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
+from fedlite.data.holdout import site_parts
 from fedlite.data.loader import CaseDataset
-from fedlite.data.manifest import read_dataset
+from fedlite.data.manifest import Dataset
+from fedlite.errors import InputError
 from fedlite.federated.config import FederatedConfig
 from fedlite.model import FedMMX, build_model
 from fedlite.presets import get_preset
@@ -46,12 +48,23 @@ def cached_model(cfg: FederatedConfig, num_stages: int, fresh: bool = False) -> 
     return _MODELS[key]
 
 
-def cached_dataset(data_dir: str | Path, cfg: FederatedConfig, model: FedMMX, train: bool) -> CaseDataset:
+def site_dataset(data_dir: str | Path, cfg: FederatedConfig, part: str) -> Dataset:
+    """The site's training or validation part (``fedlite.data.holdout``), checked against the run's stages."""
+    parts = site_parts(data_dir, cfg.site_val_fraction)
+    if list(parts.train.info.stage_names) != cfg.stages:
+        raise InputError(f"this site's stages {list(parts.train.info.stage_names)} differ from the run's "
+                         f"{cfg.stages}", path=Path(data_dir) / "dataset.json",
+                         hint="every site and the run config (stage-names) must name the same stages in order")
+    return parts.train if part == "train" else parts.val
+
+
+def cached_dataset(data_dir: str | Path, cfg: FederatedConfig, model: FedMMX, part: str) -> CaseDataset:
+    """``part`` "train" (augmented) or "val"."""
     config = model.config
-    key = (str(Path(data_dir).resolve()), config.modality, config.text.max_length, train, cfg.seed)
+    key = (str(Path(data_dir).resolve()), config.modality, config.text.max_length, part, cfg.seed,
+           cfg.site_val_fraction, tuple(cfg.stages))
     if key not in _DATASETS:
-        data = read_dataset(data_dir)
-        _DATASETS[key] = CaseDataset(data, run_tokenizer(cfg) if config.uses_text else None,
-                                     config.text.max_length, use_image=config.uses_image, train=train,
+        _DATASETS[key] = CaseDataset(site_dataset(data_dir, cfg, part), run_tokenizer(cfg) if config.uses_text else None,
+                                     config.text.max_length, use_image=config.uses_image, train=part == "train",
                                      seed=cfg.seed)
     return _DATASETS[key]

@@ -1,0 +1,208 @@
+"""The coordinator's round engine: what every federated job does with its sites, written once.
+
+Two kinds of exchange cover every job that needs cases:
+- an update round (train, edge): push the global parameters to sampled sites, collect their updates
+  until the deadline (late ones are kept and folded into a later round, damped by their staleness),
+  screen them and average them (``collect``, ``accept_updates``);
+- a statistics query (evaluate, and the export's importance, calibration and parity jobs): push a
+  request to every site and merge the aggregate statistics that come back (``ask_sites``).
+The coordinator only ever sees parameters and aggregate statistics; a site's failure is recorded
+with the site named, never crashes the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedlite.errors import InputError
+from fedlite.eval_stats import EvalStats, merge
+from fedlite.federated.aggregate import Rejection, SiteUpdate, check_update, screen_updates
+from fedlite.federated.compress import decode_update, is_encoded
+from fedlite.federated.params import from_record
+
+log = logging.getLogger(__name__)
+QUERY_TIMEOUT = 600.0  # seconds a statistics query waits when the run sets no round timeout
+
+
+@dataclass
+class Outstanding:
+    """A train message whose reply has not arrived yet."""
+
+    node_id: int
+    server_round: int
+    shapes: dict[str, tuple[int, ...]]
+
+
+@dataclass
+class RoundReplies:
+    updates: list[SiteUpdate] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    bytes_received: dict[str, int] = field(default_factory=dict)
+    late_dropped: list[str] = field(default_factory=list)
+
+
+def site_of(msg: Message, node_id: int) -> str:
+    """The name a site gives itself in its reply, else its node id."""
+    info = msg.content.get("info") if not msg.has_error() else None
+    return str(info["site"]) if info is not None and "site" in info else f"node-{node_id}"
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= max(1, minimum):
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} sites connected after {timeout:.0f} s, need {minimum}")
+        time.sleep(0.5)
+
+
+def sample_sites(nodes: list[int], per_round: int, rng: np.random.Generator) -> list[int]:
+    """``per_round`` of the connected sites (all of them for 0), drawn from the run's seeded stream."""
+    k = len(nodes) if per_round <= 0 else min(per_round, len(nodes))
+    return sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
+
+
+def push(grid: Grid, content: RecordDict, nodes: list[int], message_type: str) -> list[str]:
+    return list(grid.push_messages([Message(content, dst_node_id=n, message_type=message_type) for n in nodes]))
+
+
+def _parse_update(msg: Message, sent: Outstanding, server_round: int, replies: RoundReplies) -> None:
+    site = site_of(msg, sent.node_id)
+    if msg.has_error():
+        replies.rejected.append(Rejection(site, f"site failed: {msg.error.reason}"))
+        return
+    try:
+        raw = from_record(msg.content["arrays"])
+        replies.bytes_received[site] = msg.content["arrays"].count_bytes()
+        delta = decode_update(raw, sent.shapes) if is_encoded(raw) else raw
+        metrics = dict(msg.content["metrics"])
+        num_examples = int(metrics["num-examples"])
+    except (InputError, KeyError, TypeError, ValueError) as exc:
+        replies.rejected.append(Rejection(site, f"malformed update: {exc}"))
+        return
+    replies.updates.append(SiteUpdate(site, delta, num_examples, server_round - sent.server_round, metrics))
+
+
+def collect(grid: Grid, outstanding: dict[str, Outstanding], server_round: int, current: set[str],
+            timeout: float, max_staleness: int) -> RoundReplies:
+    """Pull replies until every message of this round answered or the deadline passed; replies to
+    earlier rounds' messages that arrive meanwhile are kept as stale updates."""
+    replies = RoundReplies()
+    deadline = time.monotonic() + timeout if timeout > 0 else float("inf")
+    while True:
+        for msg in grid.pull_messages(list(outstanding)):
+            sent = outstanding.pop(msg.metadata.reply_to_message_id, None)
+            if sent is not None:
+                _parse_update(msg, sent, server_round, replies)
+        if not current & set(outstanding) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    for message_id, sent in list(outstanding.items()):
+        if server_round - sent.server_round >= max_staleness:
+            outstanding.pop(message_id)
+            replies.late_dropped.append(f"node-{sent.node_id}")
+    return replies
+
+
+def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]],
+                   server_round: int) -> tuple[list[SiteUpdate], list[Rejection]]:
+    """Screen this round's updates together and late ones each on its own; log every rejection."""
+    # Stale updates computed while other tensors were trainable are checked against their own round.
+    fresh = [u for u in replies.updates if u.staleness == 0]
+    stale = [u for u in replies.updates if u.staleness > 0 and set(u.delta) <= set(shapes)]
+    accepted, rejected = screen_updates(fresh, shapes)
+    for update in stale:
+        reason = check_update(update.delta, {n: shapes[n] for n in update.delta})
+        (rejected.append(Rejection(update.site, reason)) if reason else accepted.append(update))
+    rejected += replies.rejected
+    for rejection in rejected:
+        log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, rejection.reason)
+    return accepted, rejected
+
+
+@dataclass
+class QueryReplies:
+    """The sites that answered a statistics query, and why the others did not count."""
+
+    replies: dict[str, Message] = field(default_factory=dict)
+    failed: list[Rejection] = field(default_factory=list)
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+
+def ask_sites(grid: Grid, nodes: list[int], content: RecordDict, message_type: str,
+              timeout: float = QUERY_TIMEOUT) -> QueryReplies:
+    """Send one request to every site in ``nodes`` and wait (at most ``timeout`` seconds) for the replies."""
+    start = time.perf_counter()
+    ids = dict(zip(push(grid, content, nodes, message_type), nodes))
+    pending, result = set(ids), QueryReplies(bytes_sent=_content_bytes(content) * len(nodes))
+    deadline = time.monotonic() + (timeout if timeout > 0 else QUERY_TIMEOUT)
+    while pending and time.monotonic() < deadline:
+        for msg in grid.pull_messages(list(pending)):
+            message_id = msg.metadata.reply_to_message_id
+            if message_id not in pending:
+                continue
+            pending.discard(message_id)
+            site = site_of(msg, ids[message_id])
+            if msg.has_error():
+                result.failed.append(Rejection(site, f"site failed: {msg.error.reason}"))
+            elif site in result.replies:
+                result.failed.append(Rejection(site, "a second site answered under this name"))
+            else:
+                result.replies[site] = msg
+        if pending:
+            time.sleep(0.05)
+    result.failed += [Rejection(f"node-{ids[m]}", f"no answer within {timeout:.0f} s") for m in sorted(pending)]
+    for failure in result.failed:
+        log.warning("%s: %s did not count: %s", message_type, failure.site, failure.reason)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _content_bytes(content: RecordDict) -> int:
+    """Bytes of the parameters in a request (settings are a few hundred bytes beside them)."""
+    return sum(record.count_bytes() for record in content.array_records.values())
+
+
+@dataclass
+class FederatedEvaluation:
+    """A model scored on the sites' validation parts: merged metrics and who contributed what."""
+
+    stats: EvalStats
+    metrics: dict  # {} when no site had validation cases
+    cases: dict[str, int]  # validation cases per site
+    failed: list[Rejection]
+    bytes_sent: int
+    seconds: float
+
+    def to_record(self) -> dict:
+        return {"cases": self.cases, "failed": [f.__dict__ for f in self.failed], "bytes_sent": self.bytes_sent,
+                "seconds": self.seconds}
+
+
+def federated_evaluate(grid: Grid, nodes: list[int], content: RecordDict, num_stages: int,
+                       timeout: float = QUERY_TIMEOUT, gamma: float = 1.0) -> FederatedEvaluation:
+    """Every site scores the model in ``content`` on its validation part and sends statistics back;
+    they are checked and summed into the consortium's metrics."""
+    answered = ask_sites(grid, nodes, content, "evaluate", timeout)
+    parts, cases, failed = [], {}, list(answered.failed)
+    for site, msg in answered.replies.items():
+        try:
+            stats = EvalStats.from_arrays(from_record(msg.content["stats"]), num_stages)
+        except (InputError, KeyError, TypeError, ValueError) as exc:
+            failed.append(Rejection(site, f"malformed evaluation statistics: {exc}"))
+            log.warning("evaluate: %s did not count: %s", site, failed[-1].reason)
+            continue
+        parts.append(stats)
+        cases[site] = stats.cases
+    total = merge(parts, num_stages)
+    metrics = total.metrics(gamma) if total.cases else {}
+    return FederatedEvaluation(total, metrics, cases, failed, answered.bytes_sent, answered.seconds)
