@@ -3,7 +3,7 @@
 Only MatMul/Gemm, ORT's fused Attention (its packed QKV weights) and, for static QDQ, the patch
 Conv are quantized (the word-embedding table too, if asked); LayerNorm, Softmax and GELU stay in
 float. Dynamic quantization computes activation scales per call (no calibration data); static QDQ
-fixes them from calibration cases.
+fixes them from calibration cases, pooled here or summarised at each site (export/calibration.py).
 Instruction-set presets follow optimum's AutoQuantizationConfig: VNNI and ARM take signed weights,
 plain AVX2 unsigned ones.
 The head graph stays FP32: it is a fraction of the compute and the part sites fine-tune.
@@ -12,7 +12,9 @@ The head graph stays FP32: it is a fraction of the compute and the part sites fi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +25,11 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                       quantize_static)
+from onnxruntime.quantization.calibrate import TensorsData
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from fedlite.errors import InputError
+from fedlite.export.calibration import CalibrationStats, calibrated_tensors, ranges_from_statistics
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +141,31 @@ class _Feeds(CalibrationDataReader):
         return next(self.feeds, None)
 
 
+def prepare_graph(src: str | Path, dst: str | Path) -> None:
+    """ORT's quantization pre-processing: the graph static quantization calibrates and quantizes.
+    Sites calibrate on this output, so tensor names match the coordinator's."""
+    quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def _check_ranges(ranges: TensorsData, prepared: Path, settings: QuantSettings, graph: Path) -> None:
+    expected = set(calibrated_tensors(prepared, settings.operators))
+    missing, extra = sorted(expected - set(ranges.keys())), sorted(set(ranges.keys()) - expected)
+    if missing or extra:
+        shown = ", ".join((missing or extra)[:5]) + (" ..." if len(missing or extra) > 5 else "")
+        raise InputError(f"calibration statistics {'lack' if missing else 'add'} {len(missing or extra)} tensor(s) "
+                         f"of this graph: {shown}", path=graph,
+                         hint="collect them on prepare_graph's output of this graph with the same operators")
+
+
 def quantize_graph(src: Path, dst: Path, settings: QuantSettings,
-                   calibration: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None) -> None:
-    """Quantize one encoder graph to INT8 into ``dst``."""
+                   calibration: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None, *,
+                   ranges: CalibrationStats | TensorsData | None = None) -> None:
+    """Quantize one encoder graph to INT8 into ``dst``.
+
+    Static mode takes either ``calibration`` (pooled cases, calibrated here) or ``ranges``: statistics
+    merged from sites (MinMax unless already turned into onnxruntime ranges by
+    ``ranges_from_statistics``), so the coordinator quantizes without seeing a case.
+    """
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True}
     if settings.mode == "dynamic":
         with _quiet_onnxruntime_tools():
@@ -147,14 +173,33 @@ def quantize_graph(src: Path, dst: Path, settings: QuantSettings,
                              per_channel=settings.per_channel, reduce_range=settings.reduce_range,
                              weight_type=settings.weight_type, extra_options=extra)
         return
-    if calibration is None:
+    if calibration is not None and ranges is not None:
+        raise ValueError("pass calibration cases or merged ranges, not both")
+    if calibration is None and ranges is None:
         raise InputError("static quantization needs calibration cases", hint="pass --calibration DIR")
+    if isinstance(ranges, CalibrationStats):
+        ranges = ranges_from_statistics(ranges)
+    if ranges is not None and "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise RuntimeError("quantizing from merged calibration ranges needs an onnxruntime whose quantize_static "
+                           "takes calibration_cache_path; upgrade onnxruntime")
+    static = dict(quant_format=QuantFormat.QDQ, op_types_to_quantize=settings.operators,
+                  per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                  activation_type=settings.activation_type, weight_type=settings.weight_type, extra_options=extra)
     prepared = dst.with_name(dst.stem + ".prep.onnx")
-    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    prepare_graph(src, prepared)
     try:
-        quantize_static(str(prepared), str(dst), _Feeds(calibration()), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=settings.operators, per_channel=settings.per_channel,
-                        reduce_range=settings.reduce_range, activation_type=settings.activation_type,
-                        weight_type=settings.weight_type, extra_options=extra)
+        if ranges is None:
+            quantize_static(str(prepared), str(dst), _Feeds(calibration()), **static)
+            return
+        _check_ranges(ranges, prepared, settings, src)
+        from onnxruntime.quantization.calibrate import save_tensors_data  # with calibration_cache_path
+
+        # quantize_static reads a calibration cache instead of running cases: the same quantizer,
+        # fed ranges that were never computed here.
+        with tempfile.TemporaryDirectory(prefix="fedlite-ranges-") as scratch:
+            cache = Path(scratch) / "ranges.json"
+            save_tensors_data(ranges, cache)
+            quantize_static(str(prepared), str(dst), None, calibrate_method=ranges.calibration_method,
+                            calibration_cache_path=str(cache), **static)
     finally:
         prepared.unlink(missing_ok=True)
