@@ -5,8 +5,9 @@ version, cached on disk), loads the global head weights from the message, trains
 and heads on the embeddings of its training part for E epochs (optionally DP-SGD), and replies with
 the update of the head only, compressed with the federated codec and its error feedback. On an
 evaluate message it scores the global head on its validation part, which never trains
-(``fedlite.data.holdout``), and replies with sufficient statistics (``fedlite.eval_stats``). Replies hold parameters and aggregate metrics:
-no image, note, embedding, prediction or explanation ever leaves the site.
+(``fedlite.data.holdout``), and replies with sufficient statistics (``fedlite.eval_stats``).
+Replies hold parameters and aggregate statistics: no image, note, embedding, prediction or
+explanation ever leaves the site.
 
 Where the site's files are comes from its SuperNode's node config (``bundle``, ``data-dir``,
 ``cache-dir``, ``threads``), which ``fedlite agent run`` sets from the agent's config.

@@ -27,8 +27,8 @@ from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from fedlite.federated.aggregate import weighted_delta
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import to_record
-from fedlite.federated.rounds import (QUERY_TIMEOUT, Outstanding, accept_updates, collect, federated_evaluate, push,
-                                      sample_sites, wait_for_nodes)
+from fedlite.federated.rounds import (QUERY_TIMEOUT, Outstanding, federated_evaluate, sample_sites, update_round,
+                                      wait_for_nodes)
 from fedlite.federated.server_app import RUN_CONFIG, site_settings
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,8 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> 
         sampled = sample_sites(nodes, cfg.sites_per_round, rng)
         record = to_record(weights)
         content = RecordDict({"arrays": record, "config": ConfigRecord({**settings, "server-round": server_round})})
-        ids = push(grid, content, sampled, "train")
-        for message_id, node in zip(ids, sampled):
-            outstanding[message_id] = Outstanding(node, server_round, shapes)
-        replies = collect(grid, outstanding, server_round, set(ids), cfg.round_timeout, cfg.max_staleness)
-        accepted, rejected = accept_updates(replies, shapes, server_round)
+        accepted, rejected, replies = update_round(grid, sampled, content, shapes, outstanding, server_round,
+                                                   cfg.round_timeout, cfg.max_staleness)
         if accepted:
             delta = weighted_delta(accepted, cfg.staleness_decay)
             weights = {n: (weights[n] + delta[n]).astype(np.float32) for n in weights}

@@ -1,8 +1,15 @@
-"""Knowledge distillation: the student learns the labels and the teacher's softened outputs.
+"""Knowledge distillation: the student learns the teacher's softened outputs (and, if asked, the labels).
 
-loss = α·CE(labels) + (1 − α)·T²·KL(teacher ‖ student), on both heads (the stage terms over
-positives only, weighted by γ as in training), plus an optional β·MSE between the student's fused
-representation, projected to the teacher's width, and the teacher's.
+loss = α·CE(labels) + (1 − α)·T²·KL(teacher ‖ student), on both heads (γ weighs the stage terms: the
+label term over labelled positives, the KL term over cases weighted by the teacher's P(leukemia)),
+plus an optional β·MSE between the student's fused representation, projected to the teacher's
+width, and the teacher's.
+
+The defaults aim at fidelity, not at the labels: the sites' labels already trained the teacher, the
+bundle is certified by how often it makes the teacher's calls, and proxy data has no useful labels.
+So α = 0 (soft targets only). On the quickstart's federated teacher, α = 0.5 left the student agreeing
+with the teacher on 66 % of held-out cases; α = 0 reaches 99 % within a few epochs, and more epochs
+close the AUC gap (README, "Export").
 """
 
 from __future__ import annotations
@@ -22,10 +29,10 @@ from fedlite.training import autocast_for, forward_batch, set_linear_lr, to_devi
 
 @dataclass(frozen=True)
 class DistillConfig:
-    epochs: int = 3
-    lr: float = 5e-4
+    epochs: int = 15
+    lr: float = 1e-3
     weight_decay: float = 0.01
-    alpha: float = 0.5
+    alpha: float = 0.0  # weight of the label loss; 0: learn the teacher's outputs only
     temperature: float = 2.0
     feature_weight: float = 0.0
     gamma: float = 1.0
@@ -44,9 +51,11 @@ def distillation_loss(student: FedMMXOutput, teacher: FedMMXOutput, batch: dict,
     hard, _ = multitask_loss(student, batch["leukemia"], batch["stage"], config.gamma)
     t2 = config.temperature ** 2
     kl_leukemia = soft_kl(student.leukemia_logits, teacher.leukemia_logits, config.temperature).mean()
-    positive = (batch["stage"] >= 0).float()
+    # The stage matters where the teacher calls leukemia: weigh each case by the teacher's P(leukemia),
+    # which needs no labels (proxy data) and follows the teacher's calls rather than the truth.
+    positive = teacher.leukemia_logits.float().softmax(-1)[:, 1].detach()
     kl_stage = (soft_kl(student.stage_logits, teacher.stage_logits, config.temperature) * positive).sum()
-    kl_stage = kl_stage / positive.sum().clamp(min=1.0)
+    kl_stage = kl_stage / positive.sum().clamp(min=1e-6)
     loss = config.alpha * hard + (1 - config.alpha) * t2 * (kl_leukemia + config.gamma * kl_stage)
     if projection is not None and config.feature_weight > 0:
         loss = loss + config.feature_weight * F.mse_loss(projection(student.fused).float(), teacher.fused.float())

@@ -1,4 +1,4 @@
-"""``fedlite export``: teacher checkpoint -> distilled, pruned, INT8, verified bundle.
+"""``fedlite export``: teacher checkpoint -> pruned, distilled, INT8, verified bundle.
 
 Read top to bottom it is the whole recipe. Every step can be switched off, so the same function
 exports the teacher itself in FP32. Nothing is written unless the bundle passes its parity gate,
@@ -23,7 +23,7 @@ import torch
 from fedlite import __version__
 from fedlite.atomic import staged_dir
 from fedlite.centralized import resolve_data, seed_everything
-from fedlite.checkpoint import Checkpoint, load_checkpoint
+from fedlite.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_meta
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import Dataset, read_dataset
 from fedlite.errors import InputError
@@ -72,45 +72,75 @@ class ExportResult:
         return self.meta["parity"]
 
 
-def _recorded_data(meta: dict) -> tuple[Path | None, Path | None]:
-    training = meta.get("training", {})
-    if training.get("split-dir"):
-        split = Path(training["split-dir"])
-        return split / "train", split / "test"
-    if training.get("data"):
-        return Path(training["data"]), Path(training["eval_data"]) if training.get("eval_data") else None
-    return None, None
+DATA_OPTIONS = "--sites SPLIT (each step at the sites, on their own cases), --data DIR (pooled cases: a split " \
+               "directory, or a dataset with --eval-data DIR) or --proxy-data DIR (non-patient data at the " \
+               "coordinator) with --eval-data DIR"
 
 
-def resolve_export_data(ckpt_meta: dict, data: Path | None, eval_data: Path | None,
-                        scratch: Path) -> tuple[Dataset, Dataset]:
-    """Training cases for distillation and held-out cases for verification.
+@dataclass(frozen=True)
+class ExportData:
+    """The cases each step reads and, for bundle.json, where each set came from.
 
-    Given nothing, use the data the checkpoint was trained on if it is still there, else generate the
-    embedded synthetic dataset (offline, deterministic) and its split.
+    ``sources`` maps a step (distill, calibration, verification) to ``{"kind", ...}``: kind ``pooled``
+    (cases at the coordinator: --data, --eval-data, --calibration) or ``proxy`` (non-patient data,
+    --proxy-data) with ``path`` and ``cases``; a federated export adds ``{"kind": "sites",
+    "sites": {site: cases}}``.
     """
-    if data is not None:
-        train_dir, test_dir = resolve_data(data, eval_data)
-    else:
-        train_dir, test_dir = _recorded_data(ckpt_meta)
-        if train_dir is None or not train_dir.is_dir() or test_dir is None or not test_dir.is_dir():
-            from fedlite.data.split import split_dataset
-            from fedlite.data.synth import synthesize
 
-            log.info("no --data given and the checkpoint's training data is not here: "
-                     "generating the embedded synthetic dataset")
-            synthesize(scratch / "synthetic", progress=False)
-            split_dataset(scratch / "synthetic", scratch / "split")
-            train_dir, test_dir = scratch / "split" / "train", scratch / "split" / "test"
-    if test_dir is None:
-        raise InputError("no held-out cases to verify the bundle on", path=data,
-                         hint="pass a split directory from `fedlite data split` or --eval-data DIR")
-    train, test = read_dataset(train_dir), read_dataset(test_dir)
-    for ds in (train, test):
-        if list(ds.info.stage_names) != list(ckpt_meta["stage_names"]):
-            raise InputError(f"the data's stages {list(ds.info.stage_names)} differ from the checkpoint's "
-                             f"{ckpt_meta['stage_names']}", path=ds.root / "dataset.json")
-    return train, test
+    distill: Dataset
+    verification: Dataset
+    calibration: Dataset
+    sources: dict[str, dict]
+
+
+def _source(kind: str, option: str, dataset: Dataset) -> dict:
+    return {"kind": kind, "option": option, "path": str(dataset.root), "cases": len(dataset)}
+
+
+def _check_stages(dataset: Dataset, ckpt_meta: dict) -> Dataset:
+    if list(dataset.info.stage_names) != list(ckpt_meta["stage_names"]):
+        raise InputError(f"the data's stages {list(dataset.info.stage_names)} differ from the checkpoint's "
+                         f"{ckpt_meta['stage_names']}", path=dataset.root / "dataset.json",
+                         hint="export with data labelled in the teacher's stages")
+    return dataset
+
+
+def resolve_export_data(ckpt_meta: dict, data: Path | None = None, eval_data: Path | None = None,
+                        proxy_data: Path | None = None, calibration: Path | None = None) -> ExportData:
+    """Cases for distillation, calibration and verification, each chosen explicitly by the caller.
+
+    Nothing is assumed: a consortium's bundle must never be certified on data nobody chose (the
+    checkpoint's recorded training data, or generated synthetic cases). ``data`` is pooled cases (a
+    split's train/ distills, its test/ verifies); ``proxy_data`` is non-patient data for distillation
+    and calibration only, so verification then needs ``eval_data``.
+    """
+    chosen = [option for option, value in (("--data", data), ("--proxy-data", proxy_data)) if value is not None]
+    if len(chosen) > 1:
+        raise InputError(f"{' and '.join(chosen)} given: the student learns from one source",
+                         hint="pass one of them, not both")
+    if not chosen:
+        raise InputError("no data to distill and verify the bundle on", hint=f"pass {DATA_OPTIONS}")
+    if data is not None:
+        kind, option, (train_dir, test_dir) = "pooled", "--data", resolve_data(data, eval_data)
+        if test_dir is None:
+            raise InputError("no held-out cases to verify the bundle on", path=data,
+                             hint="pass a split directory from `fedlite data split` or --eval-data DIR")
+    else:
+        kind, option = "proxy", "--proxy-data"
+        train_dir = resolve_data(proxy_data, None)[0]
+        if eval_data is None:
+            raise InputError("--proxy-data distills on non-patient data; the bundle still needs held-out "
+                             "cases to be verified on", path=proxy_data, hint="add --eval-data DIR")
+        test_dir = Path(eval_data)
+    train = _check_stages(read_dataset(train_dir), ckpt_meta)
+    test = _check_stages(read_dataset(test_dir), ckpt_meta)
+    calib = _check_stages(read_dataset(calibration), ckpt_meta) if calibration is not None else train
+    test_kind, test_option = (kind, option) if eval_data is None else ("pooled", "--eval-data")
+    sources = {"distill": _source(kind, option, train),
+               "calibration": (_source("pooled", "--calibration", calib) if calibration is not None
+                               else _source(kind, option, train)),
+               "verification": _source(test_kind, test_option, test)}
+    return ExportData(train, test, calib, sources)
 
 
 def _loader(ckpt: Checkpoint, data: Dataset, batch_size: int, train: bool, seed: int):
@@ -124,24 +154,40 @@ def _head_state(model: FedMMX) -> dict[str, np.ndarray]:
             for k, v in module.state_dict().items()}
 
 
-def _feeds(ckpt: Checkpoint, data: Dataset, cases: int, batch: int = 8):
-    """Encoder inputs from real cases, for fusion checks and static calibration."""
+def check_output_free(out: Path, options: ExportOptions, force: bool) -> None:
+    """Refuse to replace an existing bundle unless asked, before any work is done."""
+    for target in (out, options.fp32_copy):
+        if target is not None and target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
+            raise InputError("bundle already exists", path=target, hint="choose another --out or pass --force")
+
+
+def encoder_feeds(ckpt: Checkpoint, data: Dataset, cases: int, batch: int = 8) -> tuple[dict, int]:
+    """Encoder inputs from real cases, for fusion checks and static calibration, and how many cases."""
     loader = _loader(ckpt, data, batch, train=False, seed=0)
     batches = list(islice(iter(loader), max(1, cases // batch)))
-    return {
+    feeds = {
         "image_encoder": lambda: ({"pixels": b["pixels"].numpy()} for b in batches),
         "text_encoder": lambda: ({"input_ids": b["input_ids"].numpy(),
                                   "attention_mask": b["attention_mask"].numpy()} for b in batches),
     }
+    return feeds, sum(len(b["leukemia"]) for b in batches)
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
                   data: str | Path | None = None, eval_data: str | Path | None = None,
-                  calibration: str | Path | None = None, force: bool = False) -> ExportResult:
+                  calibration: str | Path | None = None, force: bool = False,
+                  proxy_data: str | Path | None = None) -> ExportResult:
+    """Distill, prune, quantize and verify; the bundle is written only if it passes ``options.gate``.
+
+    Data is chosen explicitly: ``data`` (pooled cases) or ``proxy_data`` (non-patient data, then
+    ``eval_data`` for verification); see ``resolve_export_data``.
+    """
     out = Path(out)
-    for target in (out, options.fp32_copy):
-        if target is not None and target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
-            raise InputError("bundle already exists", path=target, hint="choose another --out or pass --force")
+    paths = {name: Path(p) if p is not None else None
+             for name, p in (("data", data), ("eval_data", eval_data), ("proxy_data", proxy_data),
+                             ("calibration", calibration))}
+    check_output_free(out, options, force)
+    sets = resolve_export_data(read_checkpoint_meta(checkpoint), **paths)
     seed_everything(options.seed)
     device = resolve_device(options.device)
     ckpt = load_checkpoint(checkpoint)
@@ -152,43 +198,38 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
 
     with tempfile.TemporaryDirectory(prefix="fedlite-export-") as scratch_name:
         scratch = Path(scratch_name)
-        train, test = resolve_export_data(ckpt.meta, Path(data) if data else None,
-                                          Path(eval_data) if eval_data else None, scratch)
+        train, test = sets.distill, sets.verification
         train_loader = _loader(ckpt, train, options.batch_size, train=True, seed=options.seed)
         dcfg = options.distill_config
         report: dict = {"teacher_parameters": count_parameters(teacher)}
 
-        # 1. Distill the teacher into the student.
+        # 1. The student: the teacher's layers it keeps (or the teacher itself).
         if options.distill:
             name = options.student or default_student(teacher.config)
             student, init = make_student(teacher, name)
             report["student"] = {"name": name, **init.to_dict()}
-            log.info("distilling into %s (%.2fM parameters) for %d epochs", name,
-                     count_parameters(student) / 1e6, dcfg.epochs)
-            report["distill"] = distill(student, teacher, train_loader, dcfg, device,
-                                        progress=options.progress).to_dict()
         else:
             student = copy.deepcopy(teacher)
             report["student"] = {"name": "teacher"}
 
-        # 2. Prune heads, FFN channels and layers; recover with the distillation loss.
+        # 2. Prune heads, FFN channels and layers, ranked by the distillation loss's gradients. A new
+        # student is pruned before it is distilled, so every distillation epoch also recovers from
+        # the pruning: far closer to the teacher than distill -> prune -> a short recovery (README).
         prune = options.prune
-        if prune.fraction > 0 or prune.layers > 0:
-            teacher.to(device)
-            student.to(device)
+        pruned = prune.fraction > 0 or prune.layers > 0
+        if pruned:
+            report["prune"] = _prune(student, teacher, train_loader, options, device)
 
-            def loss_of(batch: dict) -> torch.Tensor:
-                batch = to_device(batch, device)
-                with torch.no_grad():
-                    target = forward_batch(teacher, batch)
-                return distillation_loss(forward_batch(student, batch), target, batch, dcfg)
-
-            importance = score_importance(student, islice(iter(train_loader), prune.batches), loss_of)
-            report["prune"] = prune_model(student, importance, prune).to_dict()
-            if options.recovery_epochs > 0:
-                report["recovery"] = distill(student, teacher, train_loader, dcfg, device,
-                                             epochs=options.recovery_epochs, desc="recover",
-                                             progress=options.progress).to_dict()
+        # 3. Distill the teacher into the student; a pruned teacher recovers for --recovery-epochs.
+        if options.distill:
+            log.info("distilling into %s (%.2fM parameters) for %d epochs", report["student"]["name"],
+                     count_parameters(student) / 1e6, dcfg.epochs)
+            report["distill"] = distill(student, teacher, train_loader, dcfg, device,
+                                        progress=options.progress).to_dict()
+        elif pruned and options.recovery_epochs > 0:
+            report["recovery"] = distill(student, teacher, train_loader, dcfg, device,
+                                         epochs=options.recovery_epochs, desc="recover",
+                                         progress=options.progress).to_dict()
         student = student.cpu().eval()
         teacher = teacher.cpu().eval()
         report["vocabulary"] = trim_vocabulary(student, ckpt.tokenizer.get_vocab_size())
@@ -198,8 +239,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         fp32.mkdir()
         work.mkdir()
         specs = export_graphs(student, fp32)
-        calib_data = read_dataset(calibration) if calibration else train
-        feeds = _feeds(ckpt, calib_data, options.calibration_cases)
+        feeds, calibration_cases = encoder_feeds(ckpt, sets.calibration, options.calibration_cases)
         fusions, sources = {}, {}
         for name, spec in specs.items():
             sources[name] = fp32 / spec.file
@@ -207,16 +247,17 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
                 result = fuse_graph(sources[name], work / spec.file, FUSION_MODEL_TYPES[name], list(feeds[name]())[:2])
                 fusions[name] = {"applied": result.applied, "fused_ops": result.fused_ops}
                 sources[name] = work / spec.file
-        meta = _bundle_meta(ckpt, student, specs, options, fusions, report, checkpoint)
+        meta = bundle_meta(ckpt, student, specs, options, fusions, report, checkpoint)
+        meta["data_sources"] = _data_sources(sets, options, calibration_cases)
 
         with contextlib.ExitStack() as stack:
             staged = stack.enter_context(staged_dir(out, force=True, what="bundle"))
-            _write_files(staged, specs, sources, options.int8, options, feeds, student, ckpt)
+            write_bundle_files(staged, specs, sources, options.int8, options, feeds, student, ckpt)
             files = seal_bundle(staged, meta)["files"]
             extra, extra_files = {}, {}
             if options.fp32_copy is not None and options.int8:
                 staged_fp32 = stack.enter_context(staged_dir(options.fp32_copy, force=True, what="bundle"))
-                _write_files(staged_fp32, specs, sources, False, options, feeds, student, ckpt)
+                write_bundle_files(staged_fp32, specs, sources, False, options, feeds, student, ckpt)
                 extra_files = seal_bundle(staged_fp32, {**meta, "quantization": None})["files"]
                 extra["student-onnx-fp32"] = staged_fp32
 
@@ -232,13 +273,32 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     return ExportResult(out, meta)
 
 
-def _write_files(staged: Path, specs: dict, sources: dict[str, Path], int8: bool, options: ExportOptions,
-                 feeds: dict, student: FedMMX, ckpt: Checkpoint) -> None:
+def _prune(student: FedMMX, teacher: FedMMX, loader, options: ExportOptions, device: torch.device) -> dict:
+    """Cut the least important heads and channels out of ``student``; importance is taken against
+    the teacher's outputs, since the bundle is judged by how faithfully it follows them."""
+    teacher.to(device)
+    student.to(device)
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        batch = to_device(batch, device)
+        with torch.no_grad():
+            target = forward_batch(teacher, batch)
+        return distillation_loss(forward_batch(student, batch), target, batch, options.distill_config)
+
+    importance = score_importance(student, islice(iter(loader), options.prune.batches), loss_of)
+    return prune_model(student, importance, options.prune).to_dict()
+
+
+def write_bundle_files(staged: Path, specs: dict, sources: dict[str, Path], int8: bool, options: ExportOptions,
+                       feeds: dict | None, student: FedMMX, ckpt: Checkpoint, ranges: dict | None = None) -> None:
+    """The bundle's graphs (encoders in INT8 if asked: static scales from calibration ``feeds`` or from
+    ``ranges`` merged at the sites), head weights and tokenizer, into ``staged``."""
     from safetensors.numpy import save_file
 
     for name, spec in specs.items():
         if int8 and name in FUSION_MODEL_TYPES:
-            quantize_graph(sources[name], staged / spec.file, options.quant, feeds[name])
+            quantize_graph(sources[name], staged / spec.file, options.quant, feeds[name] if feeds else None,
+                           ranges=ranges[name] if ranges else None)
         else:
             shutil.copyfile(sources[name], staged / spec.file)
     save_file(_head_state(student), str(staged / HEAD_WEIGHTS))
@@ -263,11 +323,31 @@ def _verify(ckpt: Checkpoint, teacher: FedMMX, student: FedMMX, bundle: Path, te
     cases = loader.dataset
     report = parity_report(cases.leukemia.numpy(), cases.stage.numpy(), outputs)
     report["data"] = str(test.root)
-    report["gate"] = {"max_accuracy_drop": options.gate.max_accuracy_drop, "max_auc_drop": options.gate.max_auc_drop}
+    report["gate"] = options.gate.to_dict()
     return report
 
 
-def _bundle_meta(ckpt: Checkpoint, student: FedMMX, specs: dict, options: ExportOptions, fusions: dict,
+def _data_sources(sets: ExportData, options: ExportOptions, calibration_cases: int) -> dict:
+    """Where the cases of each step came from; distill is None when the teacher was exported as-is."""
+    trained = options.distill or options.prune.fraction > 0 or options.prune.layers > 0
+    return {"distill": sets.sources["distill"] if trained else None,
+            "calibration": {**sets.sources["calibration"], "cases": calibration_cases},
+            "verification": sets.sources["verification"]}
+
+
+def format_data_sources(sources: dict) -> str:
+    """One line per step: which cases it read, so a reader sees at once what the bundle was certified on."""
+    lines = []
+    for step, src in sources.items():
+        if src is None:
+            continue
+        where = (", ".join(f"{site} {n}" for site, n in src["sites"].items()) if src["kind"] == "sites"
+                 else f"{src['path']} ({src.get('option', '')})")
+        lines.append(f"{step:<13}{src['kind']:<8}{src.get('cases', sum(src.get('sites', {}).values()))} cases: {where}")
+    return "\n".join(lines)
+
+
+def bundle_meta(ckpt: Checkpoint, student: FedMMX, specs: dict, options: ExportOptions, fusions: dict,
                  report: dict, checkpoint: str | Path) -> dict:
     cfg = student.config
     return {

@@ -206,3 +206,23 @@ def trim_vocabulary(model: FedMMX, tokenizer_size: int) -> dict:
     model.text_encoder.embeddings.word_embeddings = trimmed
     model.text_encoder.config.vocab_size = tokenizer_size
     return {"rows_before": rows, "rows_after": tokenizer_size}
+
+
+def apply_architecture(model: FedMMX, architecture: dict) -> None:
+    """Cut ``model`` to the shapes ``architecture`` (``describe_architecture`` of a pruned model)
+    gives, keeping its first layers, heads and channels: a site rebuilds the coordinator's pruned
+    student this way and then loads the student's weights into it."""
+    with torch.no_grad():
+        for name, views in encoder_layers(model).items():
+            depth = len(architecture.get(name, []))
+            if not 1 <= depth <= len(views):
+                raise ValueError(f"{name} encoder: {depth} layers asked, the model has {len(views)}")
+            if depth < len(views):
+                _drop_layers(model, name, list(range(depth)))
+        for name, views in encoder_layers(model).items():
+            for view, shape in zip(views, architecture[name]):
+                if not (1 <= shape["heads"] <= view.num_heads and 1 <= shape["ffn"] <= view.ffn_out.in_features):
+                    raise ValueError(f"{name} encoder: {shape} does not fit a layer of {view.num_heads} heads "
+                                     f"and {view.ffn_out.in_features} channels")
+                _prune_heads(name, view, list(range(shape["heads"])))
+                _prune_channels(name, view, list(range(shape["ffn"])))

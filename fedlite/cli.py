@@ -233,8 +233,8 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
         click.echo(format_metrics(summary["best"], stage_names))
         if summary.get("server_test"):
             test = summary["server_test"]
-            click.echo(f"\nserver test set, last round: accuracy {test['accuracy'] * 100:.2f} %, AUC {test['auc']:.4f}, "
-                       f"stage macro-F1 {test['stage_macro_f1']:.4f}")
+            click.echo(f"\nserver test set, last round: accuracy {test['accuracy'] * 100:.2f} %, "
+                       f"AUC {test['auc']:.4f}, stage macro-F1 {test['stage_macro_f1']:.4f}")
     sent, received = summary["bytes_sent"], summary["bytes_received"]
     click.echo(f"\nrounds: {summary['rounds']} (best: {summary['best_round']}); sent {sent / 1e6:.1f} MB, "
                f"received {received / 1e6:.1f} MB" + (f"; worst site ε = {summary['epsilon']:.2f}"
@@ -327,15 +327,18 @@ def export() -> None:
 @click.option("--student", default=None, help="'half' (every other teacher layer) or a preset; default: small "
               "for the paper teacher, half otherwise.")
 @click.option("--no-distill", is_flag=True, help="Export the teacher itself (pruning and INT8 still apply).")
-@click.option("--distill-epochs", default=3, show_default=True)
-@click.option("--lr", default=5e-4, show_default=True, help="AdamW learning rate for distillation and recovery.")
-@click.option("--alpha", default=0.5, show_default=True, help="Weight of the label loss against the teacher's.")
-@click.option("--temperature", default=2.0, show_default=True)
+@click.option("--distill-epochs", default=15, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate for distillation and recovery.")
+@click.option("--alpha", default=0.0, show_default=True, help="Weight of the label loss against the teacher's "
+              "soft targets (0: the student learns the teacher's calls only, which the gate checks).")
+@click.option("--temperature", default=2.0, show_default=True, help="Softens both models' outputs in the "
+              "distillation loss.")
 @click.option("--feature-weight", default=0.0, show_default=True, help="β of the fused-representation MSE term.")
 @click.option("--prune", "prune_fraction", default=0.3, show_default=True,
               help="Share of each layer's attention heads and FFN channels removed (0: no pruning).")
 @click.option("--prune-layers", default=0, show_default=True, help="Whole layers removed from each encoder.")
-@click.option("--recovery-epochs", default=1, show_default=True, help="Distillation epochs after pruning.")
+@click.option("--recovery-epochs", default=1, show_default=True, help="With --no-distill: distillation epochs "
+              "after pruning the teacher (a new student is pruned first and its distillation recovers).")
 @click.option("--quantize", "quant_mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
 @click.option("--isa", type=click.Choice(["avx512_vnni", "avx2", "arm64"]), default="avx512_vnni", show_default=True,
               help="Instruction set the INT8 graphs target.")
@@ -343,17 +346,34 @@ def export() -> None:
 @click.option("--quantize-embeddings", is_flag=True, help="Also store the word-embedding table in INT8 "
               "(worth it with large vocabularies; fedlite's built-in one is trimmed to 1490 rows anyway).")
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="Dataset for static calibration (default: the training cases).")
+              help="Dataset for static calibration and fusion checks (default: the distillation cases).")
 @click.option("--calibration-cases", default=64, show_default=True)
 @click.option("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions.")
 @click.option("--keep-fp32", is_flag=True, help="With --int8, also write the student's FP32 graphs as "
               "a bundle beside it (OUT-fp32), e.g. for `fedlite bench`.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Split directory (train/ + test/) or dataset; default: the checkpoint's training data, "
-                   "else the embedded synthetic data.")
-@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="Held-out cases for verification.")
+              help="Pooled cases at the coordinator: a split directory (distill on train/, verify on test/) "
+                   "or a dataset (then --eval-data). One of --data or --proxy-data is required.")
+@click.option("--proxy-data", type=click.Path(path_type=Path), default=None,
+              help="Non-patient data (public or synthetic; a dataset, or a split directory's train/) to distill, "
+                   "prune-score and calibrate on at the coordinator; needs --eval-data.")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="Held-out cases the bundle is verified on (default with --data: the split's test/).")
+@click.option("--sites", "sites_split", type=click.Path(path_type=Path), default=None,
+              help="Export at the sites of this split, simulated here: distillation, pruning scores, "
+                   "calibration and verification run at each site on its own cases; only parameters and "
+                   "statistics travel. (Deployed: `flwr run . --run-config 'export-checkpoint=\"CKPT\"'`.)")
+@click.option("--site-val-fraction", default=0.2, show_default=True,
+              help="With --sites: share of each site's cases it verifies on, when it has no val/ directory.")
 @click.option("--max-accuracy-drop", default=1.0, show_default=True, help="Points below the teacher allowed.")
 @click.option("--max-auc-drop", default=0.01, show_default=True)
+@click.option("--max-stage-f1-drop", default=0.02, show_default=True,
+              help="Stage macro-F1 below the teacher's allowed.")
+@click.option("--min-agreement", default=0.9, show_default=True,
+              help="Share of held-out cases with the teacher's calls: same leukemia call and, where both "
+                   "call leukemia, same stage.")
+@click.option("--min-leukemia-agreement", default=0.97, show_default=True,
+              help="Share of held-out cases with the teacher's leukemia call.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="Where distillation runs.")
 @click.option("--seed", default=0, show_default=True)
@@ -363,13 +383,19 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
                  distill_epochs: int, lr: float, alpha: float, temperature: float, feature_weight: float,
                  prune_fraction: float, prune_layers: int, recovery_epochs: int, quant_mode: str, isa: str,
                  per_tensor: bool, quantize_embeddings: bool, calibration: Path | None, calibration_cases: int,
-                 no_fuse: bool, keep_fp32: bool,
-                 data_dir: Path | None, eval_data: Path | None, max_accuracy_drop: float, max_auc_drop: float,
+                 no_fuse: bool, keep_fp32: bool, data_dir: Path | None, proxy_data: Path | None,
+                 eval_data: Path | None, sites_split: Path | None, site_val_fraction: float,
+                 max_accuracy_drop: float, max_auc_drop: float,
+                 max_stage_f1_drop: float, min_agreement: float, min_leukemia_agreement: float,
                  batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
-    """Turn the teacher CHECKPOINT into a verified bundle for CPU servers."""
+    """Turn the teacher CHECKPOINT into a verified bundle for CPU servers.
+
+    The data is chosen explicitly: --sites SPLIT (every step at the sites, on their own cases), --data DIR
+    (pooled cases) or --proxy-data DIR with --eval-data DIR.
+    The bundle is written only if it passes the parity gate against the teacher."""
     from fedlite.export.distill import DistillConfig
     from fedlite.export.parity import Gate, format_report
-    from fedlite.export.pipeline import ExportOptions, export_bundle
+    from fedlite.export.pipeline import ExportOptions, export_bundle, format_data_sources
     from fedlite.export.prune import PruneConfig
     from fedlite.export.quantize import QuantSettings
 
@@ -385,13 +411,28 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
         int8=int8, quant=QuantSettings(mode=quant_mode, isa=isa, per_channel=not per_tensor,
                                        embeddings=quantize_embeddings),
         calibration_cases=calibration_cases, fuse=not no_fuse,
-        gate=Gate(max_accuracy_drop=max_accuracy_drop, max_auc_drop=max_auc_drop),
+        gate=Gate(max_accuracy_drop=max_accuracy_drop, max_auc_drop=max_auc_drop,
+                  max_stage_f1_drop=max_stage_f1_drop, min_case_agreement=min_agreement,
+                  min_leukemia_agreement=min_leukemia_agreement),
         batch_size=batch_size, device=device, seed=seed, progress=not as_json)
     out = out or checkpoint.parent / "bundle"
     if keep_fp32:
         options = dataclasses.replace(options, fp32_copy=out.with_name(out.name + "-fp32"))
-    result = export_bundle(checkpoint, out, options, data=data_dir, eval_data=eval_data,
-                           calibration=calibration, force=force)
+    if sites_split is not None:
+        from fedlite.export.federated import EXPORT_RUN, export_simulated
+
+        given = (("--data", data_dir), ("--proxy-data", proxy_data), ("--eval-data", eval_data),
+                 ("--calibration", calibration), ("--keep-fp32", keep_fp32))
+        pooled = [name for name, value in given if value]
+        if pooled:
+            raise InputError(f"--sites exports at the sites, on their own cases: {', '.join(pooled)} do not apply",
+                             hint="drop them, or drop --sites to export on data at the coordinator")
+        run = dataclasses.replace(EXPORT_RUN, batch_size=batch_size, seed=seed, device=device,
+                                  site_val_fraction=site_val_fraction)
+        result = export_simulated(checkpoint, out, options, sites_split, run, force=force)
+    else:
+        result = export_bundle(checkpoint, out, options, data=data_dir, eval_data=eval_data,
+                               calibration=calibration, force=force, proxy_data=proxy_data)
     if as_json:
         click.echo(json.dumps(result.meta, indent=2))
         return
@@ -402,6 +443,7 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
                + (f", pruned {pruned['parameters_before'] / 1e6:.2f}M -> {pruned['parameters_after'] / 1e6:.2f}M"
                   if pruned else ""))
     click.echo(format_report(result.parity))
+    click.echo(format_data_sources(result.meta["data_sources"]))
     size = sum(f["bytes"] for f in result.meta["files"].values())
     click.echo(f"bundle: {result.bundle} ({size / 1e6:.1f} MB, {result.meta['model']['parameters'] / 1e6:.2f}M "
                f"parameters{', INT8' if int8 else ', FP32'})")
@@ -710,12 +752,18 @@ def agent_run(config_path: Path, max_retries: int, initial_backoff: float, max_b
 @click.option("--local-epochs", default=1, show_default=True,
               help="Local epochs per round (the centralized baseline trains rounds x local epochs).")
 @click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="tiny", show_default=True)
+@click.option("--export-rounds", default=10, show_default=True, help="Federated distillation rounds of the export.")
+@click.option("--report-only-gate", is_flag=True,
+              help="Print the export's parity table but write the bundle whatever it says (smoke runs on a "
+                   "handful of cases, where agreement rates mean little).")
 @click.option("--seed", default=0, show_default=True)
-def quickstart(out: Path, cases: int, rounds: int, local_epochs: int, preset: str, seed: int) -> None:
+def quickstart(out: Path, cases: int, rounds: int, local_epochs: int, preset: str, export_rounds: int,
+               report_only_gate: bool, seed: int) -> None:
     """The whole pipeline on the embedded synthetic data, on CPU, in minutes."""
     from fedlite.quickstart import run_quickstart
 
     run_quickstart(out, cases=cases, rounds=rounds, local_epochs=local_epochs, preset=preset, seed=seed,
+                   export_rounds=export_rounds, gate_applies=not report_only_gate,
                    echo=click.echo)
 
 

@@ -210,7 +210,7 @@ def launch(deployment: Deployment, sites: list[str]) -> None:
             str(BIN / "flower-supernode"),
             "--root-certificates", str(certs["ca"]),
             "--superlink", f"127.0.0.1:{link_port}",
-            "--node-config", f'data-dir="{deployment.split / site}"',
+            "--node-config", f'data-dir="{deployment.split / site}" cache-dir="{deployment.root / "cache" / site}"',
             "--host", "127.0.0.1", "--port", str(port),  # this SuperNode's Runtime (ClientAppIo) API
         ], base_env(deployment.root / f"flwr-{site}"))
 
@@ -262,27 +262,29 @@ def run_logs(deployment: Deployment, run_id: str) -> str:
         return "(flwr log timed out)"
 
 
-def wait_for_summary(deployment: Deployment, run_id: str, out: Path, timeout: float = RUN_TIMEOUT) -> dict:
-    """Poll for the run's summary.json; fail early (with the ServerApp's log) if the run ends without one."""
+def wait_for_summary(deployment: Deployment, run_id: str, out: Path, timeout: float = RUN_TIMEOUT,
+                     name: str = "summary.json") -> dict:
+    """Poll for the run's summary.json (or another JSON file ``name`` in ``out``); fail early (with the
+    ServerApp's log) if the run ends without one."""
     deadline = time.monotonic() + timeout
     next_status_check = time.monotonic() + 15
     link = deployment.procs[0]
     status = ""
     while time.monotonic() < deadline:
-        if (out / "summary.json").is_file():
-            return json.loads((out / "summary.json").read_text())
+        if (out / name).is_file():
+            return json.loads((out / name).read_text())
         if link.popen.poll() is not None:
             pytest.fail(f"the SuperLink exited with {link.popen.returncode}\n{deployment.logs()}")
         if time.monotonic() > next_status_check:
             status = run_status(deployment, run_id)
             if status.startswith("finished"):
-                time.sleep(2)  # the ServerApp writes summary.json before it reports back
-                if (out / "summary.json").is_file():
-                    return json.loads((out / "summary.json").read_text())
+                time.sleep(2)  # the ServerApp writes its output before it reports back
+                if (out / name).is_file():
+                    return json.loads((out / name).read_text())
                 break
             next_status_check = time.monotonic() + 15
         time.sleep(1.0)
-    pytest.fail(f"no summary.json in {out} (run {run_id}: {status or 'still running'} after at most "
+    pytest.fail(f"no {name} in {out} (run {run_id}: {status or 'still running'} after at most "
                 f"{timeout:.0f} s)\n===== ServerApp log (flwr log) =====\n{run_logs(deployment, run_id)}\n"
                 f"{deployment.logs()}")
 
@@ -318,8 +320,11 @@ def deploy(tmp_path):
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_deployment_with_tls_trains_a_round_across_two_supernodes(deploy, tmp_path):
-    deployment = deploy(["site-01", "site-02"])
+def test_deployment_with_tls_trains_and_evaluates_a_round_across_two_supernodes(deploy, tmp_path):
+    from fedlite.data.holdout import site_parts
+
+    sites = ["site-01", "site-02"]
+    deployment = deploy(sites)
     out = tmp_path / "run"
     run_id = flwr_run(deployment, out, **{"min-sites": 2})
 
@@ -327,9 +332,33 @@ def test_deployment_with_tls_trains_a_round_across_two_supernodes(deploy, tmp_pa
     assert summary["rounds"] == 1
     history = rounds(out)
     assert [h["round"] for h in history] == [1]
-    assert sorted(history[0]["sites"]) == ["site-01", "site-02"], history[0]
+    assert sorted(history[0]["sites"]) == sites, history[0]
     assert not history[0]["rejected"], history[0]["rejected"]
+    # evaluated at the sites on their validation parts; the coordinator was given no test set
+    validation = {s: len(site_parts(deployment.split / s).val) for s in sites}
+    assert history[0]["federated_eval"]["cases"] == validation and "server_test" not in history[0]
+    assert history[0]["eval"]["cases"] == sum(validation.values()) > 0
     assert (out / "best" / "model.safetensors").is_file()
+
+
+def test_deployment_exports_a_bundle_at_the_sites(deploy, teacher_run, tmp_path):
+    from fedlite.export.bundle import verify_bundle
+
+    sites = ["site-01", "site-02"]
+    deployment = deploy(sites, n_cases=120)
+    out = tmp_path / "bundle"
+    run_id = flwr_run(deployment, out, **{"min-sites": 2, "export-checkpoint": str(teacher_run[0]),
+                                          "export-out": str(out), "export-distill-epochs": 1,
+                                          "export-recovery-epochs": 1, "export-prune": 0.5,
+                                          "export-min-agreement": 0.0, "export-min-leukemia-agreement": 0.0,
+                                          "export-max-accuracy-drop": 100.0, "export-max-auc-drop": 1.0,
+                                          "export-max-stage-f1-drop": 1.0})
+    meta = wait_for_summary(deployment, run_id, out, name="bundle.json")
+    assert verify_bundle(out)["content_sha256"] == meta["content_sha256"]
+    assert sorted(meta["data_sources"]["verification"]["sites"]) == sites
+    assert meta["data_sources"]["distill"]["kind"] == "sites" and meta["parity"]["data"] == "sites"
+    for site in sites:  # the teacher reached each site once, into its owner-only cache
+        assert len(list((deployment.root / "cache" / site).glob("teacher-*"))) == 1
 
 
 def _clientapp_started(proc: Proc) -> bool:

@@ -59,6 +59,6 @@ def test_two_agents_fine_tune_the_head_over_tls(deploy, teacher_bundle, tmp_path
     new = verify_bundle(out / "bundle")
     assert new["bundle_version"] == 2 and new["head_updates"][-1]["sites"] == sites
     assert read_head_weights(out / "bundle").keys() == read_head_weights(teacher_bundle).keys()
-    for site in sites:  # embeddings stayed at the site, owner-only
+    for site in sites:  # embeddings of the training and validation parts stayed at the site, owner-only
         cached = list((deployment.root / f"agent-{site}" / "cache").glob("embeddings-*.npz"))
-        assert len(cached) == 1 and oct(cached[0].stat().st_mode)[-3:] == "600"
+        assert len(cached) == 2 and all(oct(c.stat().st_mode)[-3:] == "600" for c in cached)

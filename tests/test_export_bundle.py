@@ -14,12 +14,12 @@ from fedlite.errors import InputError
 from fedlite.export import pipeline
 from fedlite.export.bundle import MANIFEST, verify_bundle
 from fedlite.export.distill import DistillConfig
-from fedlite.export.parity import Gate, ParityGateFailed
+from fedlite.export.parity import NO_GATE, Gate, ParityGateFailed
 from fedlite.export.pipeline import ExportOptions, export_bundle
 from fedlite.export.prune import PruneConfig
 from fedlite.export.quantize import QuantSettings, op_counts
 
-LENIENT = Gate(max_accuracy_drop=100.0, max_auc_drop=1.0)
+LENIENT = NO_GATE  # these tests check other parts of the export; tests/test_export_gate.py checks the gate
 QUICK = dict(distill_config=DistillConfig(epochs=1, batch_size=16), batch_size=16, progress=False)
 
 
@@ -50,6 +50,45 @@ def test_int8_bundle_is_complete_and_self_describing(int8_bundle, teacher_run):
         assert op_counts(int8_bundle.bundle / graph).get("MatMulInteger", 0) > 0
     assert "MatMulInteger" not in op_counts(int8_bundle.bundle / "head.onnx")
     assert verify_bundle(int8_bundle.bundle)["content_sha256"] == meta["content_sha256"]
+
+
+def test_the_bundle_records_where_each_steps_cases_came_from(int8_bundle, teacher_run):
+    split = teacher_run[1]
+    sources = int8_bundle.meta["data_sources"]
+    assert sources["distill"] == {"kind": "pooled", "option": "--data", "path": str(split / "train"),
+                                  "cases": len(read_dataset(split / "train"))}
+    assert sources["verification"]["path"] == str(split / "test")
+    assert sources["verification"]["cases"] == int8_bundle.parity["models"]["bundle"]["cases"]
+    assert sources["calibration"]["kind"] == "pooled" and 0 < sources["calibration"]["cases"] <= 64
+    assert int8_bundle.parity["gate"] == LENIENT.to_dict()
+
+
+def test_proxy_data_distills_at_the_coordinator_and_held_out_cases_verify(teacher_run, synth_data, tmp_path):
+    checkpoint, split = teacher_run
+    options = ExportOptions(prune=PruneConfig(fraction=0.0), gate=LENIENT, **QUICK)
+    result = export_bundle(checkpoint, tmp_path / "b", options, proxy_data=synth_data.root, eval_data=split / "test")
+    sources = result.meta["data_sources"]
+    assert sources["distill"] == {"kind": "proxy", "option": "--proxy-data", "path": str(synth_data.root),
+                                  "cases": len(synth_data)}
+    assert sources["calibration"]["kind"] == "proxy" and sources["calibration"]["path"] == str(synth_data.root)
+    assert sources["verification"] == {"kind": "pooled", "option": "--eval-data", "path": str(split / "test"),
+                                       "cases": len(read_dataset(split / "test"))}
+    assert result.meta["export"]["distill"]["steps"] > 0
+
+
+@pytest.mark.parametrize("args, needs", [
+    ([], "--proxy-data"),
+    (["--proxy-data", "{split}/train"], "--eval-data"),
+    (["--data", "{split}", "--proxy-data", "{split}/train"], "one source"),
+])
+def test_export_never_picks_its_data_itself(teacher_run, tmp_path, args, needs):
+    checkpoint, split = teacher_run
+    out = tmp_path / "b"
+    args = [a.format(split=split) for a in args]
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert needs in result.output and "Traceback" not in result.output
+    assert not out.exists()
 
 
 def test_bundle_predicts_in_a_process_that_never_imports_torch(int8_bundle, teacher_run):
@@ -189,11 +228,13 @@ def test_export_command_writes_a_bundle(teacher_run, tmp_path):
     result = CliRunner().invoke(main, ["export", str(checkpoint), "--int8", "--data", str(split), "--out",
                                        str(tmp_path / "b"), "--distill-epochs", "1", "--prune", "0.3",
                                        "--batch-size", "16", "--max-accuracy-drop", "100", "--max-auc-drop", "1",
-                                       "--json"])
+                                       "--max-stage-f1-drop", "1", "--min-agreement", "0",
+                                       "--min-leukemia-agreement", "0", "--json"])
     assert result.exit_code == 0, result.output
     meta = json.loads(result.output[result.output.index("{"):])
     assert meta["quantization"]["isa"] == "avx512_vnni"
     assert np.isclose(meta["export"]["prune"]["fraction"], 0.3)
+    assert meta["parity"]["gate"]["min_case_agreement"] == 0 and meta["data_sources"]["distill"]["kind"] == "pooled"
     verify_bundle(tmp_path / "b")
 
 

@@ -197,8 +197,11 @@ def test_pyproject_declares_the_flower_app_with_every_setting():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     valid, errors, _ = validate_fields_in_config(pyproject)
     assert valid, errors
+    from fedlite.export.federated import ExportRunConfig
+
     flat = pyproject["tool"]["flwr"]["app"]["config"]
-    assert set(flat) == set(FederatedConfig().to_flat())
+    assert set(flat) == set(FederatedConfig().to_flat()) | set(ExportRunConfig().to_flat())
+    assert ExportRunConfig.from_flat(flat) == ExportRunConfig()  # the declared defaults are the code's
     assert FederatedConfig.from_flat(flat).server_test == ""  # the coordinator needs no cases
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -104,17 +105,18 @@ def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None =
     return stats_reply(msg, stats, data_dir.name, time.perf_counter() - start)
 
 
-def make_client_app(split_dir: str | Path | None = None, edge_defaults: dict[str, str] | None = None) -> ClientApp:
-    """``edge_defaults``: bundle and cache-dir of simulated sites in edge fine-tuning (a deployed
-    agent's come from its node config)."""
+def make_client_app(split_dir: str | Path | None = None, site_defaults: dict[str, str] | None = None) -> ClientApp:
+    """``site_defaults``: bundle and cache-dir of simulated sites (a deployed site's come from its
+    node config)."""
     client = ClientApp()
+    defaults = site_defaults or {}
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
         if msg.content["config"].get("mode") == "edge":
             from fedlite.agents.edge_client import edge_train
 
-            return edge_train(msg, context, split_dir, edge_defaults or {})
+            return edge_train(msg, context, split_dir, defaults)
         return train_site(msg, context, split_dir)
 
     @client.evaluate()
@@ -122,9 +124,22 @@ def make_client_app(split_dir: str | Path | None = None, edge_defaults: dict[str
         if msg.content["config"].get("mode") == "edge":
             from fedlite.agents.edge_client import edge_evaluate
 
-            return edge_evaluate(msg, context, split_dir, edge_defaults or {})
+            return edge_evaluate(msg, context, split_dir, defaults)
         return evaluate_site(msg, context, split_dir)
 
+    # The federated export's jobs (export/site_tasks.py).
+    def export_task(name: str) -> Callable[[Message, Context], Message]:
+        def handle(msg: Message, context: Context) -> Message:
+            from fedlite.export import site_tasks
+
+            return getattr(site_tasks, name)(msg, context, split_dir, defaults)
+        return handle
+
+    client.query("teacher")(export_task("receive_teacher"))
+    client.train("distill")(export_task("distill_site"))
+    client.query("importance")(export_task("importance_site"))
+    client.query("calibrate")(export_task("calibrate_site"))
+    client.evaluate("parity")(export_task("parity_site"))
     return client
 
 

@@ -128,6 +128,19 @@ def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]],
     return accepted, rejected
 
 
+def update_round(grid: Grid, sampled: list[int], content: RecordDict, shapes: dict[str, tuple[int, ...]],
+                 outstanding: dict[str, Outstanding], server_round: int, timeout: float, max_staleness: int,
+                 message_type: str = "train") -> tuple[list[SiteUpdate], list[Rejection], RoundReplies]:
+    """One round of an update job: push ``content`` to the sampled sites, collect until the deadline,
+    screen. ``outstanding`` carries late messages from round to round."""
+    ids = push(grid, content, sampled, message_type)
+    for message_id, node in zip(ids, sampled):
+        outstanding[message_id] = Outstanding(node, server_round, shapes)
+    replies = collect(grid, outstanding, server_round, set(ids), timeout, max_staleness)
+    accepted, rejected = accept_updates(replies, shapes, server_round)
+    return accepted, rejected, replies
+
+
 @dataclass
 class QueryReplies:
     """The sites that answered a statistics query, and why the others did not count."""

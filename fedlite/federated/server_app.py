@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
@@ -30,8 +31,8 @@ from fedlite.errors import InputError
 from fedlite.federated.aggregate import update_norm, weighted_delta
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, to_record, trainable_names
-from fedlite.federated.rounds import (QUERY_TIMEOUT, Outstanding, accept_updates, collect, federated_evaluate, push,
-                                      sample_sites, wait_for_nodes)
+from fedlite.federated.rounds import (QUERY_TIMEOUT, Outstanding, federated_evaluate, sample_sites, update_round,
+                                      wait_for_nodes)
 from fedlite.federated.task import build_initial_model, run_tokenizer
 from fedlite.plots import plot_history
 from fedlite.training import evaluate_model, resolve_device
@@ -120,11 +121,9 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         record = to_record(arrays)
         flat = {**site_settings(cfg), "server-round": server_round, "num-stages": len(stage_names),
                 "frozen-fingerprint": frozen_fingerprint(model, trainable)}
-        ids = push(grid, RecordDict({"arrays": record, "config": ConfigRecord(flat)}), sampled, "train")
-        for message_id, node in zip(ids, sampled):
-            outstanding[message_id] = Outstanding(node, server_round, shapes)
-        replies = collect(grid, outstanding, server_round, set(ids), cfg.round_timeout, cfg.max_staleness)
-        accepted, rejected = accept_updates(replies, shapes, server_round)
+        content = RecordDict({"arrays": record, "config": ConfigRecord(flat)})
+        accepted, rejected, replies = update_round(grid, sampled, content, shapes, outstanding, server_round,
+                                                   cfg.round_timeout, cfg.max_staleness)
         aggregate_start = time.perf_counter()
         step_norm = None
         if accepted:
@@ -135,9 +134,10 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         eval_start = time.perf_counter()
         evaluation, server_test = None, None
         if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
-            content = RecordDict({"arrays": to_record(get_arrays(model, trainable)), "config": ConfigRecord(flat)})
-            evaluation = federated_evaluate(grid, nodes, content, len(stage_names), cfg.round_timeout or QUERY_TIMEOUT,
-                                            cfg.gamma)
+            global_model = RecordDict({"arrays": to_record(get_arrays(model, trainable)),
+                                       "config": ConfigRecord(flat)})
+            evaluation = federated_evaluate(grid, nodes, global_model, len(stage_names),
+                                            cfg.round_timeout or QUERY_TIMEOUT, cfg.gamma)
             if test_loader is not None:
                 server_test = evaluate_model(model, test_loader, device)
         metrics = evaluation.metrics if evaluation is not None else {}
@@ -234,18 +234,34 @@ def _write_summary(out: Path, cfg: FederatedConfig, history: list[dict], state: 
     return summary
 
 
-def make_server_app(cfg: FederatedConfig | None = None, resume: bool = False, progress: bool = True) -> ServerApp:
+def run_from_config(grid: Grid, flat: dict, progress: bool = True):
+    """The job a deployed run's config names: a federated export, edge fine-tuning or training."""
+    if flat.get("export-checkpoint"):
+        from fedlite.export.federated import export_from_config
+
+        return export_from_config(grid, flat, progress=progress)
+    cfg = FederatedConfig.from_flat(flat)
+    if cfg.edge_bundle:
+        from fedlite.agents.edge_server import run_edge_server
+
+        return run_edge_server(grid, cfg, progress=progress)
+    return run_server(grid, cfg, progress=progress)
+
+
+def make_server_app(job: Callable[[Grid], object] | None = None, outcome: dict | None = None) -> ServerApp:
+    """The ServerApp of a deployment (``job`` None: the run config says what to do) or of a
+    simulation, whose ``job`` result or exception is left in ``outcome`` for the caller."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg if cfg is not None else FederatedConfig.from_flat(dict(context.run_config))
-        if run_cfg.edge_bundle:
-            from fedlite.agents.edge_server import run_edge_server
-
-            run_edge_server(grid, run_cfg, progress=progress)
-        else:
-            run_server(grid, run_cfg, resume=resume, progress=progress)
+        if job is None:
+            run_from_config(grid, dict(context.run_config))
+            return
+        try:
+            outcome["result"] = job(grid)
+        except BaseException as exc:  # handed to the simulation's caller, which raises it there
+            outcome["error"] = exc
 
     return server
 

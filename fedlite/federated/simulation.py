@@ -8,10 +8,12 @@ when there is one; it never opens a site's cases."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
+
+from flwr.serverapp import Grid
 
 from fedlite.data.manifest import MANIFEST
 from fedlite.data.split import TEST, SplitSummary, load_split
@@ -40,24 +42,39 @@ def simulation_config(cfg: FederatedConfig, split: SplitSummary) -> FederatedCon
     return dataclasses.replace(cfg, **changes)
 
 
-def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
+def simulate(split_dir: str | Path, job: Callable[[Grid], object], site_defaults: dict[str, str] | None = None,
+             device: str = "auto") -> object:
+    """Run ``job`` as the ServerApp over one simulated site per site of the split and return its
+    result; an error in the job is raised here, in the caller's thread."""
     import torch
     from flwr.simulation import run_simulation
 
-    split = load_split(cfg.split_dir)
+    split = load_split(split_dir)
     if not split.sites:
-        raise InputError("the split has no sites", path=cfg.split_dir)
-    cfg = simulation_config(cfg, split)
-    gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
-    summary_path = Path(cfg.out) / "summary.json"
-    if not resume:
-        summary_path.unlink(missing_ok=True)
-    log.info("simulating %d sites (%s) for %d rounds", len(split.sites), ", ".join(split.sites), cfg.rounds)
-    # simulated sites share the coordinator's bundle; each embeds its own cases into the run's cache
-    edge = {"bundle": cfg.edge_bundle, "cache-dir": str(Path(cfg.out).resolve() / "cache")} if cfg.edge_bundle else None
-    run_simulation(server_app=make_server_app(cfg, resume=resume, progress=progress),
-                   client_app=make_client_app(str(Path(cfg.split_dir).resolve()), edge),
+        raise InputError("the split has no sites", path=split_dir)
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    outcome: dict = {}
+    log.info("simulating %d sites (%s)", len(split.sites), ", ".join(split.sites))
+    run_simulation(server_app=make_server_app(job, outcome),
+                   client_app=make_client_app(str(Path(split_dir).resolve()), site_defaults),
                    num_supernodes=len(split.sites), backend_config=backend_config(len(split.sites), gpus))
-    if not summary_path.is_file():
-        raise RuntimeError(f"the federated run ended without a summary in {cfg.out}; see the log above")
-    return json.loads(summary_path.read_text())
+    if "error" in outcome:
+        raise outcome["error"]
+    if "result" not in outcome:
+        raise RuntimeError(f"the simulation over {split_dir} ended before its job did; see the log above")
+    return outcome["result"]
+
+
+def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Federated training, or edge fine-tuning of a bundle, over the sites of ``cfg.split_dir``."""
+    from fedlite.federated.server_app import run_server
+
+    cfg = simulation_config(cfg, load_split(cfg.split_dir))
+    if cfg.edge_bundle:
+        from fedlite.agents.edge_server import run_edge_server
+
+        # simulated sites share the coordinator's bundle; each embeds its own cases into the run's cache
+        edge = {"bundle": cfg.edge_bundle, "cache-dir": str(Path(cfg.out).resolve() / "cache")}
+        return simulate(cfg.split_dir, lambda grid: run_edge_server(grid, cfg, progress=progress), edge, cfg.device)
+    return simulate(cfg.split_dir, lambda grid: run_server(grid, cfg, resume=resume, progress=progress),
+                    device=cfg.device)

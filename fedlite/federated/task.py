@@ -64,7 +64,7 @@ def cached_dataset(data_dir: str | Path, cfg: FederatedConfig, model: FedMMX, pa
     key = (str(Path(data_dir).resolve()), config.modality, config.text.max_length, part, cfg.seed,
            cfg.site_val_fraction, tuple(cfg.stages))
     if key not in _DATASETS:
-        _DATASETS[key] = CaseDataset(site_dataset(data_dir, cfg, part), run_tokenizer(cfg) if config.uses_text else None,
-                                     config.text.max_length, use_image=config.uses_image, train=part == "train",
+        tokenizer = run_tokenizer(cfg) if config.uses_text else None
+        _DATASETS[key] = CaseDataset(site_dataset(data_dir, cfg, part), tokenizer, config.text.max_length, use_image=config.uses_image, train=part == "train",
                                      seed=cfg.seed)
     return _DATASETS[key]
