@@ -128,7 +128,7 @@ def edge_heavy_path(spec: dict) -> dict:
     weights = read_head_weights(spec["path"])
     head = fusion_head_from_weights(runtime.meta, weights)
     config = TrainConfig(epochs=spec["epochs"], batch_size=32, lr=spec["lr"], optimizer="sgd")
-    before = evaluate_head(runtime, embeddings, weights)["loss"]
+    before = evaluate_head(runtime, embeddings, weights).metrics()["loss"]
     start = time.perf_counter()
     stats = train_local(head, embedding_loader(embeddings, 32, 0), config, torch.device("cpu"), spec["lr"], spec["lr"],
                         progress=False)
@@ -136,7 +136,8 @@ def edge_heavy_path(spec: dict) -> dict:
     delta = {n: local[n] - weights[n] for n in weights}
     encoded, _ = encode_update(delta, None, topk_fraction=spec["topk"])
     stages["train_round"] = {"seconds": time.perf_counter() - start, "epochs": spec["epochs"], "steps": stats.steps,
-                             "local_loss_before": before, "local_loss_after": evaluate_head(runtime, embeddings, local)["loss"],
+                             "local_loss_before": before,
+                             "local_loss_after": evaluate_head(runtime, embeddings, local).metrics()["loss"],
                              "update_bytes": encoded_nbytes(encoded),
                              "dense_head_bytes": int(sum(v.size for v in weights.values()) * 4),
                              "student_fp32_bytes": int(runtime.meta["model"]["parameters"]) * 4,

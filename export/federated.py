@@ -37,7 +37,7 @@ from fedlite.centralized import seed_everything
 from fedlite.checkpoint import CONFIG, WEIGHTS, Checkpoint, load_checkpoint
 from fedlite.errors import InputError
 from fedlite.export.bundle import seal_bundle
-from fedlite.export.calibration import decode_statistics, merge_statistics
+from fedlite.export.calibration import CalibrationStats, calibrated_tensors, decode_statistics, merge_statistics
 from fedlite.export.graphs import export_graphs
 from fedlite.export.distill import DistillConfig
 from fedlite.export.parity import Gate, ParityGateFailed, format_report, gate_failures
@@ -228,23 +228,30 @@ def merged_importance(job: _Job, student: FedMMX) -> tuple[Importance, dict]:
 
 
 def merged_calibration(job: _Job, sources: dict[str, Path], work: Path) -> tuple[dict, dict]:
-    """Activation ranges of each encoder graph, merged from the sites' statistics."""
+    """Activation ranges of each encoder graph, merged from the sites' statistics. A graph with no
+    tensor to calibrate (ORT's fused attention graphs) is not asked about: its INT8 is weights-only."""
+    operators = job.options.quant.operators
     prepared = {name: f"{name}.prep.onnx" for name in FUSION_MODEL_TYPES}
+    expected = {}
     for name, file in prepared.items():
         prepare_graph(sources[name], work / file)
-    files, digest = pack_files(work, list(prepared.values()))
-    answered = job.ask("calibrate", "query.calibrate",
-                       {"graphs-digest": digest, "graph-files": json.dumps(prepared),
-                        "operators": json.dumps(job.options.quant.operators)}, files=to_record(files))
-    per_graph: dict[str, list] = {name: [] for name in prepared}
+        expected[name] = calibrated_tensors(work / file, operators)
+    asked = {name: file for name, file in prepared.items() if expected[name]}
+    merged = {name: CalibrationStats(ranges={}) for name in prepared if not expected[name]}
+    if not asked:
+        return merged, {}
+    files, digest = pack_files(work, list(asked.values()))
+    answered = job.ask("calibrate", "query.calibrate", {"graphs-digest": digest, "graph-files": json.dumps(asked),
+                                                        "operators": json.dumps(operators)}, files=to_record(files))
+    per_graph: dict[str, list] = {name: [] for name in asked}
     cases = {}
     for site, msg in answered.replies.items():
         arrays = from_record(msg.content["stats"])
-        for name in prepared:
+        for name in asked:
             part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
-            per_graph[name].append(decode_statistics(part, source=f"{site} ({name})"))
+            per_graph[name].append(decode_statistics(part, expected[name], source=f"{site} ({name})"))
         cases[site] = int(msg.content["metrics"]["num-examples"])
-    return {name: merge_statistics(stats) for name, stats in per_graph.items()}, cases
+    return {**merged, **{name: merge_statistics(stats) for name, stats in per_graph.items()}}, cases
 
 
 def site_parity(job: _Job, staged: Path, num_stages: int) -> tuple[dict, dict]:

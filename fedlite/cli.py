@@ -353,7 +353,7 @@ def export() -> None:
               "a bundle beside it (OUT-fp32), e.g. for `fedlite bench`.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Pooled cases at the coordinator: a split directory (distill on train/, verify on test/) "
-                   "or a dataset (then --eval-data). One of --data or --proxy-data is required.")
+                   "or a dataset (then --eval-data). One of --sites, --data or --proxy-data is required.")
 @click.option("--proxy-data", type=click.Path(path_type=Path), default=None,
               help="Non-patient data (public or synthetic; a dataset, or a split directory's train/) to distill, "
                    "prune-score and calibrate on at the coordinator; needs --eval-data.")

@@ -178,3 +178,14 @@ def test_what_a_site_sends_in_each_export_job(teacher_run, sites_only, tmp_path)
     widths = [layer[key] for layers in describe_architecture(student).values() for layer in layers
               for key in ("heads", "ffn")]
     assert sorted(s[0] for s in sizes.values()) == sorted(widths)
+
+
+def test_static_int8_is_calibrated_from_ranges_merged_across_sites(teacher_run, sites_only, tmp_path):
+    from fedlite.export.quantize import QuantSettings, op_counts
+
+    options = _options(distill=False, prune=PruneConfig(fraction=0.0), recovery_epochs=0, calibration_cases=8,
+                       quant=QuantSettings(mode="static", isa="avx2"))
+    result = export_simulated(teacher_run[0], tmp_path / "static", options, sites_only, RUN)
+    assert result.meta["data_sources"]["calibration"] == {"kind": "sites", "sites": {s: 8 for s in SITES}}
+    assert op_counts(result.bundle / "image_encoder.onnx").get("QuantizeLinear", 0) > 0
+    assert result.parity["models"]["bundle"]["leukemia_agreement"] >= 0.85
