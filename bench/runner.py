@@ -75,13 +75,13 @@ def bundle_variants(bundle: Path, meta: dict, student_fp32: Path | None) -> list
 
 def teacher_variants(teacher: Path, work: Path, data: Path | None, bundle_parity: dict) -> list[Variant]:
     """The teacher as torch FP32, and exported as-is (no distillation or pruning) to ONNX FP32 and INT8."""
-    from fedlite.export.parity import Gate
+    from fedlite.export.parity import NO_GATE
     from fedlite.export.pipeline import ExportOptions, export_bundle
     from fedlite.export.prune import PruneConfig
 
     int8_dir, fp32_dir = work / "teacher-onnx-int8", work / "teacher-onnx-fp32"
     options = ExportOptions(distill=False, prune=PruneConfig(fraction=0.0), int8=True, fp32_copy=fp32_dir,
-                            gate=Gate(max_accuracy_drop=100.0, max_auc_drop=1.0), progress=False)
+                            gate=NO_GATE, progress=False)
     log.info("exporting the teacher as-is to ONNX FP32 and INT8 for the baselines")
     result = export_bundle(teacher, int8_dir, options, data=data, force=True)
     parity = result.parity
@@ -167,8 +167,10 @@ def run_bench(bundle: str | Path, teacher: str | Path | None = None, student_fp3
         raise InputError("no cases to time: the bundle's verification data is not on this machine",
                          hint="pass --data DIR (a dataset or split directory)")
     if teacher is not None:
-        split = Path(data) if data else None
-        variants = teacher_variants(Path(teacher), Path(work), split, meta.get("parity", {})) + variants
+        if data is None:  # the baselines are exported and scored on cases someone chose, never assumed
+            raise InputError("--teacher needs --data DIR: the teacher's ONNX baselines are verified on its cases",
+                             hint="pass the split or held-out dataset the bundle was measured on")
+        variants = teacher_variants(Path(teacher), Path(work), Path(data), meta.get("parity", {})) + variants
     cases = timing_cases(timing_data, settings.cases)
     results: dict[str, dict] = {}
     jobs = [(v, t) for v in variants for t in settings.threads]

@@ -6,7 +6,7 @@ of the round engine (``fedlite.federated.rounds``) over the sites (``export/site
 1. ship the teacher to every site once (checked by hash, cached there);
 2. distill the student in federated rounds: each site distills against the teacher on its training
    part and sends a compressed update; the coordinator screens and averages them;
-3. prune from importance sums merged across sites, then recover in more federated rounds;
+3. (before 2, as in the pooled export) prune from importance sums merged across sites;
 4. export the ONNX graphs; static INT8 is calibrated from activation ranges merged across sites
    (dynamic INT8 needs no data);
 5. verify: every site scores the teacher (torch) and the staged bundle (ONNX Runtime) on its
@@ -38,15 +38,14 @@ from fedlite.checkpoint import CONFIG, WEIGHTS, Checkpoint, load_checkpoint
 from fedlite.errors import InputError
 from fedlite.export.bundle import seal_bundle
 from fedlite.export.calibration import CalibrationStats, calibrated_tensors, decode_statistics, merge_statistics
-from fedlite.export.graphs import export_graphs
 from fedlite.export.distill import DistillConfig
 from fedlite.export.parity import Gate, ParityGateFailed, format_report, gate_failures
 from fedlite.export.parity_stats import ParityStats, merge_parity
 from fedlite.export.pipeline import (FUSION_MODEL_TYPES, ExportOptions, ExportResult, bundle_meta,
-                                     check_output_free, write_bundle_files)
+                                     check_output_free, onnx_graphs, write_bundle_files)
 from fedlite.export.prune import (Importance, PruneConfig, count_parameters, describe_architecture, prune_model,
                                   trim_vocabulary)
-from fedlite.export.quantize import QuantSettings, fuse_graph, prepare_graph
+from fedlite.export.quantize import QuantSettings, prepare_graph
 from fedlite.export.student import default_student, make_student
 from fedlite.federated.aggregate import update_norm, weighted_delta
 from fedlite.federated.config import FederatedConfig
@@ -301,38 +300,31 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
         train_cases = {s: int(m.content["metrics"]["num-examples"]) for s, m in answered.replies.items()}
         report: dict = {"teacher_parameters": count_parameters(teacher)}
 
+        # The same order as the pooled export: a new student is pruned first, so every distillation
+        # round also recovers from the pruning.
         if options.distill:
             name = options.student or default_student(teacher.config)
             student, init = make_student(teacher, name)
             report["student"] = {"name": name, **init.to_dict()}
-            report["distill"] = distill_rounds(job, student, options.distill_config.epochs, "distill")
         else:
             student = copy.deepcopy(teacher)
             report["student"] = {"name": "teacher"}
         prune = options.prune
-        if prune.fraction > 0 or prune.layers > 0:
+        pruned = prune.fraction > 0 or prune.layers > 0
+        if pruned:
             importance, importance_cases = merged_importance(job, student)
             report["prune"] = {**prune_model(student, importance, prune).to_dict(), "sites": importance_cases}
-            if options.recovery_epochs > 0:
-                report["recovery"] = distill_rounds(job, student, options.recovery_epochs, "recover")
+        if options.distill:
+            report["distill"] = distill_rounds(job, student, options.distill_config.epochs, "distill")
+        elif pruned and options.recovery_epochs > 0:
+            report["recovery"] = distill_rounds(job, student, options.recovery_epochs, "recover")
         student = student.cpu().eval()
         report["vocabulary"] = trim_vocabulary(student, ckpt.tokenizer.get_vocab_size())
 
-        fp32, work = scratch / "fp32", scratch / "work"
-        fp32.mkdir()
-        work.mkdir()
-        specs = export_graphs(student, fp32)
-        check_feeds = _fusion_feeds(student, ckpt.tokenizer)
-        fusions, sources = {}, {}
-        for name, spec in specs.items():
-            sources[name] = fp32 / spec.file
-            if name in FUSION_MODEL_TYPES and options.fuse:
-                result = fuse_graph(sources[name], work / spec.file, FUSION_MODEL_TYPES[name], check_feeds[name])
-                fusions[name] = {"applied": result.applied, "fused_ops": result.fused_ops}
-                sources[name] = work / spec.file
+        specs, sources, fusions = onnx_graphs(student, scratch, _fusion_feeds(student, ckpt.tokenizer), options.fuse)
         ranges, calibration_cases = None, None
         if options.int8 and options.quant.mode == "static":
-            ranges, calibration_cases = merged_calibration(job, sources, work)
+            ranges, calibration_cases = merged_calibration(job, sources, scratch / "work")
         meta = bundle_meta(ckpt, student, specs, options, fusions, report, checkpoint)
         with contextlib.ExitStack() as stack:
             staged = stack.enter_context(staged_dir(out, force=True, what="bundle"))

@@ -67,7 +67,7 @@ def agreement_counts(reference: tuple[np.ndarray, np.ndarray], other: tuple[np.n
     same_case = (ref_call == call) & (~both_positive | same_stage)
     empty = len(ref_call) == 0
     return {
-        "cases": int(len(ref_call)),
+        "cases": len(ref_call),
         "leukemia_agree": int((ref_call == call).sum()),
         "both_positive": int(both_positive.sum()),
         "stage_agree": int((same_stage & both_positive).sum()),
@@ -164,8 +164,9 @@ class ParityGateFailed(InputError):
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'model':<20}{'accuracy':>10}{'AUC':>8}{'stage F1':>10}{'leuk agree':>12}{'case agree':>12}"
-             f"{'max Δp':>8}"]
+    header = (f"{'model':<20}{'accuracy':>10}{'AUC':>8}{'stage F1':>10}{'leuk agree':>12}{'case agree':>12}"
+              f"{'max Δp':>8}")
+    lines = [header]
     for name, m in report["models"].items():
         leuk = f"{m['leukemia_agreement'] * 100:11.1f}%" if "leukemia_agreement" in m else f"{'-':>12}"
         case = f"{m['case_agreement'] * 100:11.1f}%" if "case_agreement" in m else f"{'-':>12}"

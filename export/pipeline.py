@@ -49,7 +49,7 @@ class ExportOptions:
     distill: bool = True
     distill_config: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    recovery_epochs: int = 1
+    recovery_epochs: int = 1  # distillation after pruning the teacher itself (distill=False)
     int8: bool = False
     quant: QuantSettings = field(default_factory=QuantSettings)
     calibration_cases: int = 64
@@ -235,18 +235,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         report["vocabulary"] = trim_vocabulary(student, ckpt.tokenizer.get_vocab_size())
 
         # 3-4. ONNX graphs, ORT fusions, INT8.
-        fp32, work = scratch / "fp32", scratch / "work"
-        fp32.mkdir()
-        work.mkdir()
-        specs = export_graphs(student, fp32)
         feeds, calibration_cases = encoder_feeds(ckpt, sets.calibration, options.calibration_cases)
-        fusions, sources = {}, {}
-        for name, spec in specs.items():
-            sources[name] = fp32 / spec.file
-            if name in FUSION_MODEL_TYPES and options.fuse:
-                result = fuse_graph(sources[name], work / spec.file, FUSION_MODEL_TYPES[name], list(feeds[name]())[:2])
-                fusions[name] = {"applied": result.applied, "fused_ops": result.fused_ops}
-                sources[name] = work / spec.file
+        specs, sources, fusions = onnx_graphs(student, scratch, {n: list(feeds[n]())[:2] for n in FUSION_MODEL_TYPES},
+                                              options.fuse)
         meta = bundle_meta(ckpt, student, specs, options, fusions, report, checkpoint)
         meta["data_sources"] = _data_sources(sets, options, calibration_cases)
 
@@ -287,6 +278,23 @@ def _prune(student: FedMMX, teacher: FedMMX, loader, options: ExportOptions, dev
 
     importance = score_importance(student, islice(iter(loader), options.prune.batches), loss_of)
     return prune_model(student, importance, options.prune).to_dict()
+
+
+def onnx_graphs(student: FedMMX, scratch: Path, check_feeds: dict, fuse: bool) -> tuple[dict, dict, dict]:
+    """The student's graphs in ``scratch``, the encoders fused by ONNX Runtime where that keeps their
+    outputs on ``check_feeds``: (graph specs, the file each graph is taken from, what was fused)."""
+    fp32, work = scratch / "fp32", scratch / "work"
+    fp32.mkdir()
+    work.mkdir()
+    specs = export_graphs(student, fp32)
+    fusions, sources = {}, {}
+    for name, spec in specs.items():
+        sources[name] = fp32 / spec.file
+        if name in FUSION_MODEL_TYPES and fuse:
+            result = fuse_graph(sources[name], work / spec.file, FUSION_MODEL_TYPES[name], check_feeds[name])
+            fusions[name] = {"applied": result.applied, "fused_ops": result.fused_ops}
+            sources[name] = work / spec.file
+    return specs, sources, fusions
 
 
 def write_bundle_files(staged: Path, specs: dict, sources: dict[str, Path], int8: bool, options: ExportOptions,

@@ -752,7 +752,7 @@ def agent_run(config_path: Path, max_retries: int, initial_backoff: float, max_b
 @click.option("--local-epochs", default=1, show_default=True,
               help="Local epochs per round (the centralized baseline trains rounds x local epochs).")
 @click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="tiny", show_default=True)
-@click.option("--export-rounds", default=10, show_default=True, help="Federated distillation rounds of the export.")
+@click.option("--export-rounds", default=15, show_default=True, help="Federated distillation rounds of the export.")
 @click.option("--report-only-gate", is_flag=True,
               help="Print the export's parity table but write the bundle whatever it says (smoke runs on a "
                    "handful of cases, where agreement rates mean little).")

@@ -32,11 +32,12 @@ from fedlite.training import TrainConfig
 
 # Random-init encoders: AdamW, since the paper's SGD recipe assumes pretrained ones.
 OPTIMIZER, LR = "adamw", 1e-3
-EXPORT_ROUNDS = 10
-# The default gate but for AUC: federated distillation of the 0.8 M-parameter tiny teacher in 10
-# rounds keeps its calls (case agreement 96 %, leukemia 99 %) yet ranks cases less finely
-# (AUC 0.035 below it on the quickstart's 257 validation cases); README, "Export at the sites".
-EXPORT_GATE = Gate(max_auc_drop=0.05)
+EXPORT_ROUNDS = 15
+# The default gate but for AUC and stage F1: federated distillation of the 0.8 M-parameter tiny
+# teacher keeps its calls (case agreement 94-96 %, leukemia 99 %) yet ranks and stages cases less
+# finely (AUC 0.024-0.035 and stage F1 up to 0.05 below it on the quickstart's 257 validation
+# cases), where the pooled export matches it; README, "Export at the sites".
+EXPORT_GATE = Gate(max_auc_drop=0.05, max_stage_f1_drop=0.1)
 
 
 def comparison_table(results: dict[str, dict]) -> str:

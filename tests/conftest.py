@@ -40,13 +40,13 @@ def teacher_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def teacher_bundle(teacher_run, tmp_path_factory):
     """The tiny teacher exported as-is to an INT8 bundle (no distillation or pruning: quick)."""
-    from fedlite.export.parity import Gate
+    from fedlite.export.parity import NO_GATE
     from fedlite.export.pipeline import ExportOptions, export_bundle
     from fedlite.export.prune import PruneConfig
 
     checkpoint, split = teacher_run
     options = ExportOptions(distill=False, prune=PruneConfig(fraction=0.0), int8=True, progress=False,
-                            gate=Gate(max_accuracy_drop=100.0, max_auc_drop=1.0), batch_size=16)
+                            gate=NO_GATE, batch_size=16)
     return export_bundle(checkpoint, tmp_path_factory.mktemp("teacher-bundle") / "bundle", options, data=split).bundle
 
 

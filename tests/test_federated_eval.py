@@ -3,10 +3,10 @@ the coordinator, which holds no case, merges them into the pooled metrics and pi
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
+from opened_files import OpenedFiles
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedlite.checkpoint import load_checkpoint
@@ -67,23 +67,10 @@ def sites_only(synth_split, tmp_path):
     return split
 
 
-class _OpenedFiles:
-    """Every file this process opens under ``root`` while recording (an audit hook: nothing can bypass it)."""
-
-    def __init__(self, root):
-        self.root, self.paths, self.recording = str(root), [], False
-        sys.addaudithook(self._hook)
-
-    def _hook(self, event, args):
-        if self.recording and event in ("open", "os.listdir", "os.scandir") and args and \
-                isinstance(args[0], str) and args[0].startswith(self.root):
-            self.paths.append(args[0])
-
-
 def test_the_coordinator_trains_evaluates_and_picks_best_without_reading_a_case(sites_only, tmp_path):
     from fedlite.federated.simulation import run_federated_simulation
 
-    opened = _OpenedFiles(sites_only.parent)
+    opened = OpenedFiles(sites_only.parent)
     cfg = FederatedConfig(split_dir=str(sites_only), out=str(tmp_path / "run"), preset="tiny", rounds=2,
                           freeze_rounds=1, local_epochs=1, batch_size=16, optimizer="adamw", lr=3e-3)
     opened.recording = True
