@@ -120,7 +120,8 @@ def export_from_config(grid: Grid, flat: dict, progress: bool = True) -> ExportR
     """A federated export on Flower's deployment engine: the checkpoint and settings in the run config."""
     job = ExportRunConfig.from_flat(flat)
     run = dataclasses.replace(FederatedConfig.from_flat(flat), local_epochs=1, freeze_rounds=0)
-    return export_at_sites(grid, job.checkpoint, job.out, job.options(progress), run, job.force)
+    options = dataclasses.replace(job.options(progress), batch_size=run.batch_size, seed=run.seed, device=run.device)
+    return export_at_sites(grid, job.checkpoint, job.out, options, run, job.force)
 
 
 class _Job:
@@ -269,12 +270,12 @@ def site_parity(job: _Job, staged: Path, num_stages: int) -> tuple[dict, dict]:
     return merged.report(), cases
 
 
-def _fusion_feeds(student: FedMMX, tokenizer, batch: int = 2) -> dict:
+def _fusion_feeds(ckpt: Checkpoint, batch: int = 2) -> dict:
     """Inputs for checking ORT's fusions: random pixels and token ids, not cases."""
     generator = torch.Generator().manual_seed(0)
-    size = student.config.image.image_size if hasattr(student.config.image, "image_size") else 224
+    size = ckpt.meta["preprocessing"]["image_size"]
     pixels = torch.randn(batch, 3, size, size, generator=generator).numpy()
-    ids = torch.randint(0, tokenizer.get_vocab_size(), (batch, 32), generator=generator).numpy()
+    ids = torch.randint(0, ckpt.tokenizer.get_vocab_size(), (batch, 32), generator=generator).numpy()
     return {"image_encoder": [{"pixels": pixels}],
             "text_encoder": [{"input_ids": ids, "attention_mask": np.ones_like(ids)}]}
 
@@ -321,7 +322,7 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
         student = student.cpu().eval()
         report["vocabulary"] = trim_vocabulary(student, ckpt.tokenizer.get_vocab_size())
 
-        specs, sources, fusions = onnx_graphs(student, scratch, _fusion_feeds(student, ckpt.tokenizer), options.fuse)
+        specs, sources, fusions = onnx_graphs(student, scratch, _fusion_feeds(ckpt), options.fuse)
         ranges, calibration_cases = None, None
         if options.int8 and options.quant.mode == "static":
             ranges, calibration_cases = merged_calibration(job, sources, scratch / "work")
