@@ -17,7 +17,6 @@ of the round engine (``fedlite.federated.rounds``) over the sites (``export/site
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from fedlite.atomic import atomic_write_text, staged_dir
 from fedlite.centralized import seed_everything
-from fedlite.checkpoint import CONFIG, WEIGHTS, Checkpoint, load_checkpoint
+from fedlite.checkpoint import CONFIG, WEIGHTS, Checkpoint
 from fedlite.errors import InputError
 from fedlite.export.bundle import seal_bundle
 from fedlite.export.calibration import CalibrationStats, calibrated_tensors, decode_statistics, merge_statistics
@@ -42,11 +41,11 @@ from fedlite.export.distill import DistillConfig
 from fedlite.export.parity import Gate, ParityGateFailed, format_report, gate_failures
 from fedlite.export.parity_stats import ParityStats, merge_parity
 from fedlite.export.pipeline import (FUSION_MODEL_TYPES, ExportOptions, ExportResult, bundle_meta,
-                                     check_output_free, onnx_graphs, write_bundle_files)
+                                     check_output_free, initial_student, load_teacher, onnx_graphs,
+                                     write_bundle_files)
 from fedlite.export.prune import (Importance, PruneConfig, count_parameters, describe_architecture, prune_model,
                                   trim_vocabulary)
 from fedlite.export.quantize import QuantSettings, prepare_graph
-from fedlite.export.student import default_student, make_student
 from fedlite.federated.aggregate import update_norm, weighted_delta
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import add_to_params, from_record, get_arrays, to_record
@@ -285,11 +284,8 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
     out = Path(out)
     check_output_free(out, options, force)
     seed_everything(options.seed)
-    ckpt: Checkpoint = load_checkpoint(checkpoint)
-    teacher = ckpt.model.eval()
-    if teacher.config.modality != "both":
-        raise InputError(f"the checkpoint reads only the {teacher.config.modality}; the bundle needs both "
-                         "modalities", path=checkpoint, hint="export a model trained with --modality both")
+    ckpt = load_teacher(checkpoint)
+    teacher = ckpt.model
     if run.dp:
         raise InputError("a federated export distills without DP-SGD", hint="drop --dp")
     with tempfile.TemporaryDirectory(prefix="fedlite-export-") as scratch_name:
@@ -303,13 +299,7 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
 
         # The same order as the pooled export: a new student is pruned first, so every distillation
         # round also recovers from the pruning.
-        if options.distill:
-            name = options.student or default_student(teacher.config)
-            student, init = make_student(teacher, name)
-            report["student"] = {"name": name, **init.to_dict()}
-        else:
-            student = copy.deepcopy(teacher)
-            report["student"] = {"name": "teacher"}
+        student, report["student"] = initial_student(teacher, options)
         prune = options.prune
         pruned = prune.fraction > 0 or prune.layers > 0
         if pruned:

@@ -154,6 +154,26 @@ def _head_state(model: FedMMX) -> dict[str, np.ndarray]:
             for k, v in module.state_dict().items()}
 
 
+def load_teacher(checkpoint: str | Path) -> Checkpoint:
+    """The teacher in eval mode; a bundle needs a model that reads both the smear and the note."""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.model.config.modality != "both":
+        raise InputError(f"the checkpoint reads only the {ckpt.model.config.modality}; the bundle needs both "
+                         "modalities", path=checkpoint, hint="export a model trained with --modality both")
+    ckpt.model.eval()
+    return ckpt
+
+
+def initial_student(teacher: FedMMX, options: ExportOptions) -> tuple[FedMMX, dict]:
+    """The student before pruning and distillation, and its report: the teacher's layers it keeps,
+    or a copy of the teacher itself when nothing is distilled."""
+    if not options.distill:
+        return copy.deepcopy(teacher), {"name": "teacher"}
+    name = options.student or default_student(teacher.config)
+    student, init = make_student(teacher, name)
+    return student, {"name": name, **init.to_dict()}
+
+
 def check_output_free(out: Path, options: ExportOptions, force: bool) -> None:
     """Refuse to replace an existing bundle unless asked, before any work is done."""
     for target in (out, options.fp32_copy):
@@ -190,11 +210,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     sets = resolve_export_data(read_checkpoint_meta(checkpoint), **paths)
     seed_everything(options.seed)
     device = resolve_device(options.device)
-    ckpt = load_checkpoint(checkpoint)
-    teacher = ckpt.model.eval()
-    if teacher.config.modality != "both":
-        raise InputError(f"the checkpoint reads only the {teacher.config.modality}; the bundle needs both "
-                         "modalities", path=checkpoint, hint="export a model trained with --modality both")
+    ckpt = load_teacher(checkpoint)
+    teacher = ckpt.model
 
     with tempfile.TemporaryDirectory(prefix="fedlite-export-") as scratch_name:
         scratch = Path(scratch_name)
@@ -204,13 +221,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
         report: dict = {"teacher_parameters": count_parameters(teacher)}
 
         # 1. The student: the teacher's layers it keeps (or the teacher itself).
-        if options.distill:
-            name = options.student or default_student(teacher.config)
-            student, init = make_student(teacher, name)
-            report["student"] = {"name": name, **init.to_dict()}
-        else:
-            student = copy.deepcopy(teacher)
-            report["student"] = {"name": "teacher"}
+        student, report["student"] = initial_student(teacher, options)
 
         # 2. Prune heads, FFN channels and layers, ranked by the distillation loss's gradients. A new
         # student is pruned before it is distilled, so every distillation epoch also recovers from

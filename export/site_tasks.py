@@ -13,6 +13,7 @@ Replies carry parameters, counts, sums and extremes only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from itertools import islice
@@ -117,7 +118,7 @@ def distill_site(msg: Message, context: Context, split_dir, defaults: dict[str, 
     config = distill_config(flat)
 
     def train(model, loader, _, device, lr) -> TrainStats:
-        report = distill(model, teacher.model, loader, DistillConfig(**{**config.__dict__, "lr": lr}), device,
+        report = distill(model, teacher.model, loader, dataclasses.replace(config, lr=lr), device,
                          epochs=cfg.local_epochs, progress=False)
         return TrainStats(samples=len(loader.dataset) * cfg.local_epochs, steps=report.steps,
                           mean_loss=report.mean_loss_last_epoch, seconds=report.seconds,

@@ -157,7 +157,8 @@ def ask_sites(grid: Grid, nodes: list[int], content: RecordDict, message_type: s
     start = time.perf_counter()
     ids = dict(zip(push(grid, content, nodes, message_type), nodes))
     pending, result = set(ids), QueryReplies(bytes_sent=_content_bytes(content) * len(nodes))
-    deadline = time.monotonic() + (timeout if timeout > 0 else QUERY_TIMEOUT)
+    timeout = timeout if timeout > 0 else QUERY_TIMEOUT
+    deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for msg in grid.pull_messages(list(pending)):
             message_id = msg.metadata.reply_to_message_id
