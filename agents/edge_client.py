@@ -23,30 +23,17 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context, Message
 
-from fedlite.agents.embedding_cache import SiteEmbeddings, encoder_fingerprint, site_embeddings
+from fedlite.agents.embedding_cache import SiteEmbeddings, site_embeddings
 from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
 from fedlite.data.holdout import site_parts
 from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
-from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import from_record
+from fedlite.export.bundle import encoder_fingerprint
+from fedlite.federated.site import job_settings, received_arrays, site_paths
 from fedlite.federated.site_update import local_update, stats_reply, update_reply
 
 log = logging.getLogger(__name__)
 _RUNTIMES: dict[tuple, BundleRuntime] = {}
-
-
-def site_paths(context: Context, split_dir: str | Path | None, defaults: dict[str, str]) -> dict[str, Path]:
-    """bundle, data-dir and cache-dir of this site: node config first, then the simulation's defaults."""
-    from fedlite.federated.client_app import site_data_dir
-
-    node = {**defaults, **{k: str(v) for k, v in context.node_config.items()}}
-    missing = [k for k in ("bundle", "cache-dir") if not node.get(k)]
-    if missing:
-        raise InputError(f"this site's node config lacks {', '.join(missing)}",
-                         hint="start the agent with `fedlite agent run --config agent.toml`")
-    return {"bundle": Path(node["bundle"]), "cache-dir": Path(node["cache-dir"]),
-            "data-dir": site_data_dir(context, split_dir)}
 
 
 def site_runtime(bundle: Path, threads: int = 0) -> BundleRuntime:
@@ -70,19 +57,18 @@ class EdgeSite:
 def _site(msg: Message, context: Context, split_dir: str | Path | None, defaults: dict[str, str]) -> EdgeSite:
     """The site's verified bundle and the embeddings of its training and validation parts."""
     paths = site_paths(context, split_dir, defaults)
-    runtime = site_runtime(paths["bundle"], int(context.node_config.get("threads", 0)))
-    expected = str(msg.content["config"]["encoder-fingerprint"])
-    if encoder_fingerprint(runtime.meta) != expected:
+    runtime = site_runtime(paths.path("bundle"), int(paths.node.get("threads", 0)))
+    flat, cfg = job_settings(msg)
+    if encoder_fingerprint(runtime.meta) != str(flat["encoder-fingerprint"]):
         raise InputError("this site's bundle has other encoders than the coordinator's",
-                         path=paths["bundle"], hint="install the bundle the coordinator fine-tunes")
-    cfg = FederatedConfig.from_flat(dict(msg.content["config"]))
-    parts = site_parts(paths["data-dir"], cfg.site_val_fraction)
+                         path=paths.path("bundle"), hint="install the bundle the coordinator fine-tunes")
+    parts = site_parts(paths.data_dir, cfg.site_val_fraction)
     if list(parts.train.info.stage_names) != list(runtime.stage_names):
         raise InputError(f"the site's stages {list(parts.train.info.stage_names)} differ from the bundle's "
                          f"{runtime.stage_names}", path=parts.train.root / "dataset.json")
-    cache = paths["cache-dir"]
+    cache = paths.path("cache-dir")
     val = site_embeddings(runtime, parts.val, cache) if parts.val.cases else None
-    return EdgeSite(runtime, site_embeddings(runtime, parts.train, cache), val, paths["data-dir"].name)
+    return EdgeSite(runtime, site_embeddings(runtime, parts.train, cache), val, paths.name)
 
 
 def embedding_loader(embeddings: SiteEmbeddings, batch_size: int, seed: int):
@@ -107,10 +93,10 @@ def edge_train(msg: Message, context: Context, split_dir: str | Path | None, def
     from fedlite.export.head_swap import fusion_head_from_weights
     from fedlite.training import resolve_device
 
-    cfg = FederatedConfig.from_flat(dict(msg.content["config"]))
-    server_round = int(msg.content["config"]["server-round"])
+    flat, cfg = job_settings(msg)
+    server_round = int(flat["server-round"])
     site = _site(msg, context, split_dir, defaults)
-    global_arrays = from_record(msg.content["arrays"])
+    global_arrays = received_arrays(msg)
     head = fusion_head_from_weights(site.runtime.meta, global_arrays)
     loader = embedding_loader(site.train, cfg.batch_size, cfg.seed + server_round)
     # a head of a few thousand weights: a GPU would not pay off
@@ -137,7 +123,7 @@ def edge_evaluate(msg: Message, context: Context, split_dir: str | Path | None, 
     """The global head scored on the site's validation part, as statistics only."""
     start = time.perf_counter()
     site = _site(msg, context, split_dir, defaults)
-    arrays = from_record(msg.content["arrays"])
+    arrays = received_arrays(msg)
     stats = (evaluate_head(site.runtime, site.val, arrays) if site.val is not None
              else EvalStats.empty(len(site.runtime.stage_names)))
     return stats_reply(msg, stats, site.name, time.perf_counter() - start)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from fedlite.agents.runtime import BundleRuntime
 from fedlite.atomic import atomic_write_bytes
 from fedlite.data.manifest import MANIFEST, Dataset
 from fedlite.errors import InputError
+from fedlite.export.bundle import encoder_fingerprint
 
 log = logging.getLogger(__name__)
-ENCODER_FILES = ("image_encoder", "text_encoder")
 
 
 @dataclass
@@ -40,16 +39,6 @@ class SiteEmbeddings:
 
     def __len__(self) -> int:
         return len(self.leukemia)
-
-
-def encoder_fingerprint(meta: dict) -> str:
-    """SHA-256 over the encoders, tokenizer and preprocessing of a bundle: equal fingerprints give
-    equal embeddings, whatever the head."""
-    files = meta["files"]
-    parts = [files[meta["graphs"][g]["file"]]["sha256"] for g in ENCODER_FILES]
-    parts.append(files[meta["tokenizer"]]["sha256"])
-    parts.append(json.dumps(meta["preprocessing"], sort_keys=True))
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _data_fingerprint(dataset: Dataset) -> str:

@@ -22,6 +22,7 @@ FORMAT = "fedlite-bundle/1"
 MANIFEST = "bundle.json"
 HEAD_WEIGHTS = "head.safetensors"
 SELF_HASH = "content_sha256"
+ENCODER_GRAPHS = ("image_encoder", "text_encoder")
 
 
 def sha256_file(path: Path) -> str:
@@ -50,6 +51,16 @@ def seal_bundle(directory: Path, meta: dict, files: dict | None = None) -> dict:
     meta[SELF_HASH] = _content_hash(meta)
     (directory / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
+
+
+def encoder_fingerprint(meta: dict) -> str:
+    """SHA-256 over the encoders, tokenizer and preprocessing of a bundle: equal fingerprints give
+    equal embeddings, whatever the head."""
+    files = meta["files"]
+    parts = [files[meta["graphs"][g]["file"]]["sha256"] for g in ENCODER_GRAPHS]
+    parts.append(files[meta["tokenizer"]]["sha256"])
+    parts.append(json.dumps(meta["preprocessing"], sort_keys=True))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def read_bundle_meta(bundle: str | Path) -> dict:

@@ -1,7 +1,7 @@
 """``fedlite export --sites``: the export as federated jobs, so the coordinator needs no patient case.
 
 The coordinator holds the teacher checkpoint and the student; every step that needs cases is a job
-of the round engine (``fedlite.federated.rounds``) over the sites (``export/site_tasks.py``):
+of the coordinator's round engine (``fedlite.federated.engine``, ``fedlite.federated.rounds``) over the sites (``export/site_tasks.py``):
 
 1. ship the teacher to every site once (checked by hash, cached there);
 2. distill the student in federated rounds: each site distills against the teacher on its training
@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,6 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
-from tqdm.auto import tqdm
 
 from fedlite.atomic import atomic_write_text, staged_dir
 from fedlite.centralized import seed_everything
@@ -46,12 +44,10 @@ from fedlite.export.pipeline import (FUSION_MODEL_TYPES, ExportOptions, ExportRe
 from fedlite.export.prune import (Importance, PruneConfig, count_parameters, describe_architecture, prune_model,
                                   trim_vocabulary)
 from fedlite.export.quantize import QuantSettings, prepare_graph
-from fedlite.federated.aggregate import update_norm, weighted_delta
 from fedlite.federated.config import FederatedConfig
+from fedlite.federated.engine import UpdateJob, append_row, run_rounds, summed_bytes
 from fedlite.federated.params import add_to_params, from_record, get_arrays, to_record
-from fedlite.federated.rounds import (QUERY_TIMEOUT, Outstanding, QueryReplies, ask_sites, sample_sites,
-                                      update_round, wait_for_nodes)
-from fedlite.federated.server_app import site_settings
+from fedlite.federated.rounds import QUERY_TIMEOUT, QueryReplies, ask_sites, wait_for_nodes
 from fedlite.federated.shipped_files import pack_files
 from fedlite.model import FedMMX
 from fedlite.text import TOKENIZER_FILE
@@ -130,15 +126,14 @@ class _Job:
         self.grid, self.run, self.options, self.log_path = grid, run, options, log_path
         self.timeout = run.round_timeout or QUERY_TIMEOUT
         dcfg = options.distill_config
-        self.settings = {**site_settings(run), "teacher-digest": teacher_digest,
+        self.settings = {**run.site_settings(), "teacher-digest": teacher_digest,
                          "distill-alpha": dcfg.alpha, "distill-temperature": dcfg.temperature,
                          "distill-feature-weight": dcfg.feature_weight, "gamma": dcfg.gamma,
                          "batch-size": options.batch_size, "importance-batches": options.prune.batches,
                          "calibration-cases": options.calibration_cases}
 
     def record(self, row: dict) -> None:
-        with self.log_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_row(self.log_path, row)
 
     def ask(self, what: str, message_type: str, config: dict, **records) -> QueryReplies:
         nodes = wait_for_nodes(self.grid, self.run.min_sites)
@@ -158,43 +153,38 @@ def student_settings(student: FedMMX) -> dict:
             "student-architecture": json.dumps(describe_architecture(student))}
 
 
+class DistillJob(UpdateJob):
+    """Federated distillation as a job of the round engine: the whole student travels; each site
+    distills it against the cached teacher on its training part."""
+
+    message_type = "train.distill"
+
+    def __init__(self, job: _Job, student: FedMMX, cfg: FederatedConfig, phase: str):
+        self.job, self.student, self.cfg, self.phase = job, student, cfg, phase
+        self.names = [n for n, _ in student.named_parameters()]
+
+    def parameters(self, server_round: int) -> dict[str, np.ndarray]:
+        return get_arrays(self.student, self.names)
+
+    def settings(self, server_round: int) -> dict:
+        return {**self.job.settings, **self.cfg.site_settings(), **student_settings(self.student),
+                "server-round": server_round}
+
+    def apply(self, delta: dict[str, np.ndarray]) -> None:
+        add_to_params(self.student, delta)
+
+    def evaluate(self, server_round: int, row: dict, nodes: list[int]) -> None:
+        row["job"] = self.phase  # the student is scored once, as a bundle, by the parity job
+
+
 def distill_rounds(job: _Job, student: FedMMX, rounds: int, phase: str) -> dict:
     """Federated distillation: ``rounds`` rounds of site updates averaged into ``student``."""
     cfg = dataclasses.replace(job.run, rounds=max(1, rounds), lr=job.options.distill_config.lr)
-    names = [n for n, _ in student.named_parameters()]
-    rng = np.random.default_rng([cfg.seed, len(phase)])
-    outstanding: dict[str, Outstanding] = {}
-    sites: dict[str, int] = {}
-    received = sent = 0
-    bar = tqdm(range(1, rounds + 1), desc=phase, disable=not job.options.progress, unit="round")
-    for server_round in bar:
-        start = time.perf_counter()
-        sampled = sample_sites(wait_for_nodes(job.grid, cfg.min_sites), cfg.sites_per_round, rng)
-        arrays = get_arrays(student, names)
-        shapes = {n: tuple(a.shape) for n, a in arrays.items()}
-        record = to_record(arrays)
-        flat = {**job.settings, **site_settings(cfg), **student_settings(student), "server-round": server_round}
-        content = RecordDict({"arrays": record, "config": ConfigRecord(flat)})
-        accepted, rejected, replies = update_round(job.grid, sampled, content, shapes, outstanding, server_round,
-                                                   cfg.round_timeout, cfg.max_staleness, "train.distill")
-        step = None
-        if accepted:
-            delta = weighted_delta(accepted, cfg.staleness_decay)
-            add_to_params(student, delta)
-            step = update_norm(delta)
-        loss = (float(np.average([u.metrics["train-loss"] for u in accepted],
-                                 weights=[u.num_examples for u in accepted])) if accepted else None)
-        sites.update({u.site: u.num_examples for u in accepted})
-        received += sum(replies.bytes_received.values())
-        sent += record.count_bytes() * len(sampled)
-        job.record({"job": phase, "round": server_round, "sites": [u.site for u in accepted],
-                    "rejected": [r.__dict__ for r in rejected], "distill_loss": loss, "update_norm": step,
-                    "bytes_sent": record.count_bytes() * len(sampled), "bytes_received": replies.bytes_received,
-                    "seconds": time.perf_counter() - start})
-        if loss is not None:
-            bar.set_postfix(loss=f"{loss:.3f}")
-    bar.close()
-    return {"rounds": rounds, "sites": sites, "bytes_sent": sent, "bytes_received": received}
+    history = run_rounds(job.grid, DistillJob(job, student, cfg, phase), cfg, range(1, rounds + 1),
+                         np.random.default_rng([cfg.seed, len(phase)]), job.log_path, phase, job.options.progress)
+    sent, received = summed_bytes(history)
+    sites = {site: cases for row in history for site, cases in row["site_cases"].items()}
+    return {"rounds": len(history), "sites": sites, "bytes_sent": sent, "bytes_received": received}
 
 
 def merged_importance(job: _Job, student: FedMMX) -> tuple[Importance, dict]:

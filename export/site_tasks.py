@@ -17,24 +17,22 @@ import dataclasses
 import json
 import time
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedlite.checkpoint import Checkpoint, load_checkpoint
-from fedlite.data.holdout import site_parts
+from fedlite.data.holdout import SiteParts, site_parts
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import Dataset
 from fedlite.errors import InputError
 from fedlite.export.distill import DistillConfig, distill, distillation_loss
 from fedlite.export.parity_stats import ParityStats
 from fedlite.export.prune import apply_architecture, score_importance
-from fedlite.federated.client_app import site_data_dir
-from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import from_record, set_arrays, to_record
+from fedlite.federated.params import set_arrays, to_record
 from fedlite.federated.shipped_files import cached_shipment
+from fedlite.federated.site import SitePaths, job_settings, received_arrays, site_paths
 from fedlite.federated.site_update import local_update, update_reply
 from fedlite.model import FedMMX
 from fedlite.presets import ModelConfig
@@ -43,24 +41,17 @@ from fedlite.training import TrainStats, forward_batch, peak_memory_mb, predict,
 _TEACHERS: dict[str, Checkpoint] = {}
 
 
-def site_cache_dir(context: Context, defaults: dict[str, str]) -> Path:
-    node = {**defaults, **{k: str(v) for k, v in context.node_config.items()}}
-    if not node.get("cache-dir"):
-        raise InputError("this site's node config lacks cache-dir",
-                         hint="start the SuperNode with --node-config 'cache-dir=\"/var/cache/fedlite\"'")
-    return Path(node["cache-dir"])
+def _site(context: Context, split_dir, defaults: dict[str, str], flat: dict) -> tuple[SitePaths, SiteParts]:
+    """This site's files and the training and validation parts of its cases."""
+    paths = site_paths(context, split_dir, defaults)
+    return paths, site_parts(paths.data_dir, float(flat["site-val-fraction"]))
 
 
-def _parts(context: Context, split_dir, flat: dict):
-    data_dir = site_data_dir(context, split_dir)
-    return data_dir, site_parts(data_dir, float(flat["site-val-fraction"]))
-
-
-def teacher_of(flat: dict, context: Context, defaults: dict[str, str], arrays=None) -> Checkpoint:
+def teacher_of(flat: dict, site: SitePaths, arrays=None) -> Checkpoint:
     """The teacher this job names, from the site's cache (loaded once per process)."""
     digest = str(flat["teacher-digest"])
     if digest not in _TEACHERS:
-        path = cached_shipment(site_cache_dir(context, defaults), "teacher", digest, arrays)
+        path = cached_shipment(site.path("cache-dir"), "teacher", digest, arrays)
         _TEACHERS.clear()
         _TEACHERS[digest] = load_checkpoint(path)
         _TEACHERS[digest].model.eval().requires_grad_(False)
@@ -97,22 +88,21 @@ def _loader(teacher: Checkpoint, data: Dataset, batch_size: int, train: bool, se
 
 def receive_teacher(msg: Message, context: Context, split_dir, defaults: dict[str, str]) -> Message:
     flat = dict(msg.content["config"])
-    teacher = teacher_of(flat, context, defaults, from_record(msg.content["files"]))
-    data_dir, parts = _parts(context, split_dir, flat)
+    site, parts = _site(context, split_dir, defaults, flat)
+    teacher = teacher_of(flat, site, received_arrays(msg, "files"))
     _check_stages(parts.train, teacher)
     metrics = {"num-examples": len(parts.train), "validation-cases": len(parts.val)}
-    return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"site": data_dir.name})}),
+    return Message(RecordDict({"metrics": MetricRecord(metrics), "info": ConfigRecord({"site": site.name})}),
                    reply_to=msg)
 
 
 def distill_site(msg: Message, context: Context, split_dir, defaults: dict[str, str]) -> Message:
     compute_start = time.time()
-    flat = dict(msg.content["config"])
-    cfg = FederatedConfig.from_flat(flat)
+    flat, cfg = job_settings(msg)
     server_round = int(flat["server-round"])
-    teacher = teacher_of(flat, context, defaults)
-    data_dir, parts = _parts(context, split_dir, flat)
-    arrays = from_record(msg.content["arrays"])
+    site, parts = _site(context, split_dir, defaults, flat)
+    teacher = teacher_of(flat, site)
+    arrays = received_arrays(msg)
     student = student_of(flat, arrays)
     loader = _loader(teacher, parts.train, cfg.batch_size, train=True, seed=cfg.seed + server_round)
     config = distill_config(flat)
@@ -128,15 +118,15 @@ def distill_site(msg: Message, context: Context, split_dir, defaults: dict[str, 
     update = local_update(student, arrays, loader, cfg, server_round, context, device, train=train)
     teacher.model.cpu()
     update.metrics.update({"compute-start": compute_start, "compute-end": time.time()})
-    return update_reply(msg, update, data_dir.name, cfg.compress)
+    return update_reply(msg, update, site.name, cfg.compress)
 
 
 def importance_site(msg: Message, context: Context, split_dir, defaults: dict[str, str]) -> Message:
     """|∂L/∂gate| summed over the site's batches, per head and per FFN channel of every layer."""
     flat = dict(msg.content["config"])
-    teacher = teacher_of(flat, context, defaults)
-    data_dir, parts = _parts(context, split_dir, flat)
-    student = student_of(flat, from_record(msg.content["arrays"]))
+    site, parts = _site(context, split_dir, defaults, flat)
+    teacher = teacher_of(flat, site)
+    student = student_of(flat, received_arrays(msg))
     config, device = distill_config(flat), resolve_device(str(flat["device"]))
     teacher.model.to(device)
     student.to(device)
@@ -156,7 +146,7 @@ def importance_site(msg: Message, context: Context, split_dir, defaults: dict[st
               for encoder, layers in table.items() for i, scores in enumerate(layers)}
     metrics = {"num-examples": sum(len(b["leukemia"]) for b in batches), "batches": len(batches)}
     return Message(RecordDict({"stats": to_record(arrays), "metrics": MetricRecord(metrics),
-                               "info": ConfigRecord({"site": data_dir.name})}), reply_to=msg)
+                               "info": ConfigRecord({"site": site.name})}), reply_to=msg)
 
 
 def calibrate_site(msg: Message, context: Context, split_dir, defaults: dict[str, str]) -> Message:
@@ -165,10 +155,10 @@ def calibrate_site(msg: Message, context: Context, split_dir, defaults: dict[str
     from fedlite.export.pipeline import encoder_feeds
 
     flat = dict(msg.content["config"])
-    teacher = teacher_of(flat, context, defaults)
-    data_dir, parts = _parts(context, split_dir, flat)
-    graphs = cached_shipment(site_cache_dir(context, defaults), "graphs", str(flat["graphs-digest"]),
-                             from_record(msg.content["files"]))
+    site, parts = _site(context, split_dir, defaults, flat)
+    teacher = teacher_of(flat, site)
+    graphs = cached_shipment(site.path("cache-dir"), "graphs", str(flat["graphs-digest"]),
+                             received_arrays(msg, "files"))
     feeds, cases = encoder_feeds(teacher, parts.train, int(flat["calibration-cases"]))
     operators = json.loads(str(flat["operators"]))
     arrays = {}
@@ -176,7 +166,7 @@ def calibrate_site(msg: Message, context: Context, split_dir, defaults: dict[str
         stats = collect_statistics(graphs / file, feeds[name](), operators)
         arrays.update({f"{name}/{key}": value for key, value in stats.items()})
     return Message(RecordDict({"stats": to_record(arrays), "metrics": MetricRecord({"num-examples": cases}),
-                               "info": ConfigRecord({"site": data_dir.name})}), reply_to=msg)
+                               "info": ConfigRecord({"site": site.name})}), reply_to=msg)
 
 
 def parity_site(msg: Message, context: Context, split_dir, defaults: dict[str, str]) -> Message:
@@ -185,10 +175,10 @@ def parity_site(msg: Message, context: Context, split_dir, defaults: dict[str, s
 
     start = time.perf_counter()
     flat = dict(msg.content["config"])
-    teacher = teacher_of(flat, context, defaults)
-    data_dir, parts = _parts(context, split_dir, flat)
-    bundle = cached_shipment(site_cache_dir(context, defaults), "bundle", str(flat["bundle-digest"]),
-                             from_record(msg.content["files"]))
+    site, parts = _site(context, split_dir, defaults, flat)
+    teacher = teacher_of(flat, site)
+    bundle = cached_shipment(site.path("cache-dir"), "bundle", str(flat["bundle-digest"]),
+                             received_arrays(msg, "files"))
     val = parts.val
     stats = ParityStats.empty(len(teacher.stage_names))
     if val.cases:
@@ -199,4 +189,4 @@ def parity_site(msg: Message, context: Context, split_dir, defaults: dict[str, s
         stats = ParityStats.from_predictions(*labels, reference, (prediction.leukemia_prob, prediction.stage_prob))
     metrics = {"num-examples": len(val), "eval-seconds": time.perf_counter() - start}
     return Message(RecordDict({"stats": to_record(stats.to_arrays()), "metrics": MetricRecord(metrics),
-                               "info": ConfigRecord({"site": data_dir.name})}), reply_to=msg)
+                               "info": ConfigRecord({"site": site.name})}), reply_to=msg)

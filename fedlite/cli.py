@@ -201,11 +201,10 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
                    f"\ncurves: {result.run_dir / 'curves.png'}")
         return
     from fedlite.federated.config import FederatedConfig
-    from fedlite.federated.server_app import load_run_config
     from fedlite.federated.simulation import run_federated_simulation
 
     if resume_dir is not None:
-        cfg = load_run_config(resume_dir)
+        cfg = FederatedConfig.from_run_dir(resume_dir)
     else:
         cfg = FederatedConfig(
             split_dir=str(data_dir), out=str(out or Path("runs/federated")), preset=preset, modality=modality,

@@ -6,21 +6,20 @@ import stat
 
 import numpy as np
 import pytest
+from fedlite.agents.edge_client import edge_evaluate, edge_train
+from fedlite.agents.embedding_cache import site_embeddings
+from fedlite.agents.runtime import BundleRuntime
+from fedlite.export.bundle import encoder_fingerprint, verify_bundle
+from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedlite.agents.edge_client import edge_evaluate, edge_train
-from fedlite.agents.embedding_cache import encoder_fingerprint, site_embeddings
-from fedlite.agents.runtime import BundleRuntime
 from fedlite.data.holdout import site_parts
 from fedlite.data.manifest import read_dataset
 from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
-from fedlite.export.bundle import verify_bundle
-from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from fedlite.federated.compress import decode_update, is_encoded
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import from_record, to_record
-from fedlite.federated.server_app import site_settings
 
 
 def test_embeddings_are_cached_per_encoder_version_and_data(teacher_bundle, teacher_run, tmp_path):
@@ -51,7 +50,7 @@ def _task_identity(task_identity):
 
 def _train_message(bundle, cfg: FederatedConfig, server_round: int = 1, fingerprint: str | None = None):
     meta = verify_bundle(bundle)
-    config = {**site_settings(cfg), "mode": "edge", "server-round": server_round,
+    config = {**cfg.site_settings(), "mode": "edge", "server-round": server_round,
               "encoder-fingerprint": fingerprint or encoder_fingerprint(meta), "bundle-version": 1}
     content = RecordDict({"arrays": to_record(read_head_weights(bundle)), "config": ConfigRecord(config)})
     return Message(content, dst_node_id=1, message_type="train")

@@ -17,7 +17,7 @@ from fedlite.federated.site_update import RESIDUAL
 from fedlite.federated.compress import is_encoded
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import frozen_fingerprint, get_arrays, to_record, trainable_names
-from fedlite.federated.server_app import site_settings, sites_busy_seconds
+from fedlite.federated.engine import sites_busy_seconds
 from fedlite.federated.task import build_initial_model
 
 SHAPES = {"w": (2, 2), "b": (2,)}
@@ -79,7 +79,7 @@ def _task_identity(task_identity):
 
 def _train_message(model, cfg, server_round):
     trainable = trainable_names(model, cfg.encoders_frozen(server_round))
-    flat = {**site_settings(cfg), "server-round": server_round, "num-stages": 4,
+    flat = {**cfg.site_settings(), "server-round": server_round, "num-stages": 4,
             "frozen-fingerprint": frozen_fingerprint(model, trainable)}
     content = RecordDict({"arrays": to_record(get_arrays(model, trainable)), "config": ConfigRecord(flat)})
     return Message(content, dst_node_id=1, message_type="train"), trainable

@@ -16,7 +16,6 @@ from fedlite.eval_stats import FIELDS, EvalStats
 from fedlite.federated.client_app import evaluate_site
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import frozen_fingerprint, get_arrays, to_record, trainable_names
-from fedlite.federated.server_app import site_settings
 from fedlite.federated.task import build_initial_model
 from fedlite.metrics import evaluate_predictions
 from fedlite.text import builtin_tokenizer
@@ -32,7 +31,7 @@ def test_a_site_evaluates_on_its_validation_part_and_sends_counts_only(synth_spl
     cfg = FederatedConfig(preset="tiny", rounds=2, freeze_rounds=1, batch_size=8)
     model = build_initial_model(cfg, 4)
     trainable = trainable_names(model, True)
-    flat = {**site_settings(cfg), "server-round": 1, "num-stages": 4,
+    flat = {**cfg.site_settings(), "server-round": 1, "num-stages": 4,
             "frozen-fingerprint": frozen_fingerprint(model, trainable)}
     msg = Message(RecordDict({"arrays": to_record(get_arrays(model, trainable)), "config": ConfigRecord(flat)}),
                   dst_node_id=1, message_type="evaluate")

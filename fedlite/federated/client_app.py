@@ -8,7 +8,7 @@ statistics (``fedlite.eval_stats``). Nothing else leaves the site: no image, not
 per-case prediction or explanation is ever put in a reply.
 
 The site's data directory comes from the SuperNode's node config (``data-dir``); in a simulation the
-driver maps each simulated node's ``partition-id`` to a site of a split instead.
+driver maps each simulated node's ``partition-id`` to a site of a split instead (``site.site_paths``).
 """
 
 from __future__ import annotations
@@ -26,25 +26,12 @@ from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import from_record, frozen_fingerprint, set_arrays, trainable_names
+from fedlite.federated.site import site_paths
 from fedlite.federated.site_update import local_update, stats_reply, update_reply
 from fedlite.federated.task import cached_dataset, cached_model
 from fedlite.training import predict, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def site_data_dir(context: Context, split_dir: str | Path | None) -> Path:
-    """Where this site's cases are: node config ``data-dir``, or a split's site by partition id."""
-    node = context.node_config
-    if "data-dir" in node:
-        return Path(str(node["data-dir"]))
-    if split_dir is not None and "partition-id" in node:
-        from fedlite.data.split import load_split
-
-        sites = load_split(split_dir).sites
-        return Path(split_dir) / sites[int(node["partition-id"])]
-    raise InputError("this site has no data directory",
-                     hint="start the SuperNode with --node-config 'data-dir=\"/path/to/site\"'")
 
 
 def _prepare_model(cfg: FederatedConfig, num_stages: int, trainable: list[str], fingerprint: str):
@@ -79,7 +66,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
     flat = dict(msg.content["config"])
     cfg = FederatedConfig.from_flat(flat)
     server_round = int(flat["server-round"])
-    data_dir = site_data_dir(context, split_dir)
+    data_dir = site_paths(context, split_dir).data_dir
     model, global_arrays = global_model(msg, cfg)
 
     dataset = cached_dataset(data_dir, cfg, model, "train")
@@ -94,7 +81,7 @@ def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None =
     """Score the global model on this site's validation part; reply with counts and sums only."""
     start = time.perf_counter()
     cfg = FederatedConfig.from_flat(dict(msg.content["config"]))
-    data_dir = site_data_dir(context, split_dir)
+    data_dir = site_paths(context, split_dir).data_dir
     model, _ = global_model(msg, cfg)
     dataset = cached_dataset(data_dir, cfg, model, "val")
     if len(dataset):

@@ -6,11 +6,17 @@ Flower configs hold only flat scalars, so the dataclass converts to and from a f
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fedlite.atomic import atomic_write_text
 
 from fedlite.data.holdout import DEFAULT_VAL_FRACTION
 from fedlite.data.manifest import DEFAULT_STAGE_NAMES
 from fedlite.errors import InputError
+
+RUN_CONFIG = "run_config.json"  # a run directory's settings, so ``--resume`` continues exactly that run
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,20 @@ class FederatedConfig:
 
     def to_flat(self) -> dict:
         return {name.replace("_", "-"): value for name, value in asdict(self).items()}
+
+    def site_settings(self) -> dict:
+        """The settings sites need; the coordinator's own paths stay with it."""
+        return {k: v for k, v in self.to_flat().items() if k not in ("split-dir", "out", "server-test")}
+
+    def write_run_config(self, run_dir: Path) -> None:
+        atomic_write_text(Path(run_dir) / RUN_CONFIG, json.dumps(self.to_flat(), indent=2) + "\n")
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> "FederatedConfig":
+        path = Path(run_dir) / RUN_CONFIG
+        if not path.is_file():
+            raise InputError(f"not a federated run directory (no {RUN_CONFIG})", path=run_dir)
+        return cls.from_flat({**json.loads(path.read_text()), "out": str(run_dir)})
 
     @classmethod
     def from_flat(cls, flat: dict) -> "FederatedConfig":

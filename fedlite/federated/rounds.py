@@ -1,11 +1,11 @@
-"""The coordinator's round engine: what every federated job does with its sites, written once.
+"""How the coordinator talks to its sites: the two kinds of exchange every federated job is made of.
 
-Two kinds of exchange cover every job that needs cases:
-- an update round (train, edge): push the global parameters to sampled sites, collect their updates
-  until the deadline (late ones are kept and folded into a later round, damped by their staleness),
-  screen them and average them (``collect``, ``accept_updates``);
+- an update round (train, distill, edge): push the global parameters to sampled sites, collect their
+  updates until the deadline (late ones are kept and folded into a later round, damped by their
+  staleness), screen them (``update_round``); the loop around it is ``fedlite.federated.engine``;
 - a statistics query (evaluate, and the export's importance, calibration and parity jobs): push a
-  request to every site and merge the aggregate statistics that come back (``ask_sites``).
+  request to every site and gather the aggregate statistics that come back (``ask_sites``;
+  ``federated_evaluate`` merges evaluation statistics).
 The coordinator only ever sees parameters and aggregate statistics; a site's failure is recorded
 with the site named, never crashes the run.
 """

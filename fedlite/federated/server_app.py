@@ -1,12 +1,11 @@
 """The coordinator side of federated training (Flower ServerApp).
 
-Each round: sample sites, send them the global trainable parameters, collect their updates until
-the round's deadline, screen and average them (FedAvg, or FedProx whose term the sites add), apply
-the average, have the sites score it on their validation parts (federated evaluation: statistics
-only, merged here), record the round and checkpoint; ``best/`` is the round the sites scored best.
-The coordinator needs no patient data; a pooled test set (``server-test``) is optional and reported
-beside the federated metrics. A site that misses the deadline does not stall the round; its update
-is folded into a later one, damped by its staleness. ``resume`` continues a run whose server process
+Training is a job of the round engine (``fedlite.federated.engine``): each round the sites get the
+global trainable parameters and send updates, which are screened and averaged (FedAvg, or FedProx
+whose term the sites add); then the sites score the new model on their validation parts (federated
+evaluation: statistics only, merged here) and the round is checkpointed; ``best/`` is the round the
+sites scored best. The coordinator needs no patient data; a pooled test set (``server-test``) is
+optional and reported beside the federated metrics. ``resume`` continues a run whose server process
 died from its last completed round.
 """
 
@@ -14,25 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from tqdm.auto import tqdm
 
 from fedlite.atomic import atomic_write_text
 from fedlite.checkpoint import load_checkpoint, save_checkpoint
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import LABEL_NAMES, read_dataset
 from fedlite.errors import InputError
-from fedlite.federated.aggregate import update_norm, weighted_delta
 from fedlite.federated.config import FederatedConfig
+from fedlite.federated.engine import UpdateJob, run_rounds, summed_bytes
 from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, to_record, trainable_names
-from fedlite.federated.rounds import (QUERY_TIMEOUT, Outstanding, federated_evaluate, sample_sites, update_round,
-                                      wait_for_nodes)
+from fedlite.federated.rounds import QUERY_TIMEOUT, federated_evaluate
 from fedlite.federated.task import build_initial_model, run_tokenizer
 from fedlite.plots import plot_history
 from fedlite.training import evaluate_model, resolve_device
@@ -42,39 +38,6 @@ log = logging.getLogger(__name__)
 # trusts the last checkpoint instead, which is written first.
 STATE = "server_state.json"
 ROUNDS = "rounds.jsonl"
-RUN_CONFIG = "run_config.json"
-
-
-def site_settings(cfg: FederatedConfig) -> dict:
-    """The run settings sites need; the server's own paths stay on the server."""
-    return {k: v for k, v in cfg.to_flat().items() if k not in ("split-dir", "out", "server-test")}
-
-
-def load_run_config(run_dir: str | Path) -> FederatedConfig:
-    """The settings a run started with, so ``--resume`` continues exactly that run."""
-    path = Path(run_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise InputError(f"not a federated run directory (no {RUN_CONFIG})", path=run_dir)
-    return FederatedConfig.from_flat({**json.loads(path.read_text()), "out": str(run_dir)})
-
-
-def sites_busy_seconds(updates: list, start: float, end: float, fallback: float, what: str = "compute") -> float:
-    """Seconds of the round during which at least one site was busy: the union of the sites'
-    ``what`` intervals ("compute": the whole reply; "train": the training loop alone), wall clock,
-    clipped to the round. Sites queued behind others on a shared machine count as busy, not as
-    transport. ``fallback`` when a site did not report its interval."""
-    intervals = []
-    for update in updates:
-        first, last = update.metrics.get(f"{what}-start"), update.metrics.get(f"{what}-end")
-        if first is None or last is None:
-            return fallback
-        intervals.append((max(start, float(first)), min(end, float(last))))
-    busy, reached = 0.0, start
-    for first, last in sorted(intervals):
-        if last > reached:
-            busy += last - max(first, reached)
-            reached = last
-    return busy
 
 
 def _server_test_loader(cfg: FederatedConfig, tokenizer, config, stage_names: list[str]):
@@ -89,12 +52,68 @@ def _server_test_loader(cfg: FederatedConfig, tokenizer, config, stage_names: li
                                    use_image=config.uses_image), cfg.batch_size, shuffle=False)
 
 
+class TrainingJob(UpdateJob):
+    """Federated training of the full model as a job of the round engine: the trainable tensors
+    travel (the encoders' stay home while frozen, proven equal by a fingerprint); after a round the
+    sites score the new model (every ``eval-every`` rounds and the last), and ``last/`` and ``best/``
+    are checkpointed."""
+
+    message_type = "train"
+
+    def __init__(self, grid: Grid, cfg: FederatedConfig, model, tokenizer, state: dict, device):
+        self.grid, self.cfg, self.model, self.tokenizer, self.state = grid, cfg, model, tokenizer, state
+        self.device = device
+        self.test_loader = _server_test_loader(cfg, tokenizer, model.config, cfg.stages)
+        self.training_meta = {"mode": "federated", **cfg.to_flat()}
+
+    def _trainable(self, server_round: int) -> list[str]:
+        return trainable_names(self.model, self.cfg.encoders_frozen(server_round))
+
+    def parameters(self, server_round: int) -> dict[str, np.ndarray]:
+        return get_arrays(self.model, self._trainable(server_round))
+
+    def settings(self, server_round: int) -> dict:
+        return {**self.cfg.site_settings(), "server-round": server_round, "num-stages": len(self.cfg.stages),
+                "frozen-fingerprint": frozen_fingerprint(self.model, self._trainable(server_round))}
+
+    def apply(self, delta: dict[str, np.ndarray]) -> None:
+        add_to_params(self.model, delta)
+
+    def evaluate(self, server_round: int, row: dict, nodes: list[int]) -> None:
+        cfg = self.cfg
+        row.update({"frozen_encoders": cfg.encoders_frozen(server_round), "lr": cfg.lr_for_round(server_round)})
+        metrics = {}
+        if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
+            content = RecordDict({"arrays": to_record(self.parameters(server_round)),
+                                  "config": ConfigRecord(self.settings(server_round))})
+            evaluation = federated_evaluate(self.grid, nodes, content, len(cfg.stages),
+                                            cfg.round_timeout or QUERY_TIMEOUT, cfg.gamma)
+            metrics = evaluation.metrics
+            row["federated_eval"] = evaluation.to_record()
+            if self.test_loader is not None:
+                row["server_test"] = evaluate_model(self.model, self.test_loader, self.device)
+        row["eval"] = metrics
+
+    def save(self, server_round: int, row: dict) -> None:
+        """``last/`` every round, ``best/`` when the sites scored it best; then the progress file."""
+        out, state = Path(self.cfg.out), self.state
+        metrics, server_test = row["eval"], row.get("server_test")
+        names = dict(stage_names=self.cfg.stages, label_names=list(LABEL_NAMES))
+        meta = {**self.training_meta, "round": server_round}
+        kept = {**metrics, **({"server_test": server_test} if server_test else {})}
+        score = metrics.get("stage_macro_f1")
+        if score is not None and score > state["best_score"]:
+            state.update(best_round=server_round, best_score=score)
+            save_checkpoint(out / "best", self.model, self.tokenizer, metrics=kept, training=meta, **names)
+        save_checkpoint(out / "last", self.model, self.tokenizer, metrics=kept, training=meta, **names)
+        state["round"] = server_round
+        atomic_write_text(out / STATE, json.dumps(state) + "\n")
+
+
 def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
-    stage_names, label_names = cfg.stages, list(LABEL_NAMES)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    model = build_initial_model(cfg, len(stage_names))
+    model = build_initial_model(cfg, len(cfg.stages))
     state = {"round": 0, "best_round": 0, "best_score": -1.0}
     history: list[dict] = []
     if resume:
@@ -102,101 +121,12 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
         log.info("resuming %s after round %d", out, state["round"])
     else:
         (out / ROUNDS).write_text("")
-        atomic_write_text(out / RUN_CONFIG, json.dumps(cfg.to_flat(), indent=2) + "\n")
-    tokenizer = run_tokenizer(cfg)
-    test_loader = _server_test_loader(cfg, tokenizer, model.config, stage_names)
+        cfg.write_run_config(out)
+    job = TrainingJob(grid, cfg, model, run_tokenizer(cfg), state, resolve_device(cfg.device))
     rng = np.random.default_rng([cfg.seed, state["round"]])
-    outstanding: dict[str, Outstanding] = {}
-    training_meta = {"mode": "federated", **cfg.to_flat()}
-    bar = tqdm(range(state["round"] + 1, cfg.rounds + 1), desc="federated rounds", disable=not progress, unit="round")
-    for server_round in bar:
-        start = time.perf_counter()
-        wall_start = time.time()
-        nodes = wait_for_nodes(grid, cfg.min_sites)
-        sampled = sample_sites(nodes, cfg.sites_per_round, rng)
-        frozen = cfg.encoders_frozen(server_round)
-        trainable = trainable_names(model, frozen)
-        arrays = get_arrays(model, trainable)
-        shapes = {n: tuple(a.shape) for n, a in arrays.items()}
-        record = to_record(arrays)
-        flat = {**site_settings(cfg), "server-round": server_round, "num-stages": len(stage_names),
-                "frozen-fingerprint": frozen_fingerprint(model, trainable)}
-        content = RecordDict({"arrays": record, "config": ConfigRecord(flat)})
-        accepted, rejected, replies = update_round(grid, sampled, content, shapes, outstanding, server_round,
-                                                   cfg.round_timeout, cfg.max_staleness)
-        aggregate_start = time.perf_counter()
-        step_norm = None
-        if accepted:
-            delta = weighted_delta(accepted, cfg.staleness_decay)
-            add_to_params(model, delta)
-            step_norm = update_norm(delta)
-        aggregate_seconds = time.perf_counter() - aggregate_start
-        eval_start = time.perf_counter()
-        evaluation, server_test = None, None
-        if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
-            global_model = RecordDict({"arrays": to_record(get_arrays(model, trainable)),
-                                       "config": ConfigRecord(flat)})
-            evaluation = federated_evaluate(grid, nodes, global_model, len(stage_names),
-                                            cfg.round_timeout or QUERY_TIMEOUT, cfg.gamma)
-            if test_loader is not None:
-                server_test = evaluate_model(model, test_loader, device)
-        metrics = evaluation.metrics if evaluation is not None else {}
-        eval_seconds = time.perf_counter() - eval_start
-        round_seconds = time.perf_counter() - start
-        fresh = [u for u in accepted if u.staleness == 0]
-        slowest = max((float(u.metrics.get("train-seconds", 0.0)) for u in fresh), default=0.0)
-        compute = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds - eval_seconds, slowest)
-        training = sites_busy_seconds(fresh, wall_start, wall_start + round_seconds - eval_seconds, slowest,
-                                      what="train")
-        record_row = {
-            "round": server_round, "frozen_encoders": frozen, "lr": cfg.lr_for_round(server_round),
-            "sites": [u.site for u in accepted], "rejected": [r.__dict__ for r in rejected],
-            "late_dropped": replies.late_dropped, "stale_folded": [u.site for u in accepted if u.staleness > 0],
-            "train_loss": float(np.average([u.metrics["train-loss"] for u in accepted],
-                                           weights=[u.num_examples for u in accepted])) if accepted else None,
-            "eval": metrics, "update_norm": step_norm,
-            "bytes_sent_per_site": record.count_bytes(), "bytes_sent": record.count_bytes() * len(sampled),
-            "bytes_received": replies.bytes_received,
-            "dense_update_bytes": int(sum(np.prod(s) for s in shapes.values()) * 4),
-            "round_seconds": round_seconds, "slowest_site_train_seconds": slowest,
-            "aggregate_seconds": aggregate_seconds, "eval_seconds": eval_seconds,
-            "site_compute_seconds": compute, "site_training_seconds": training,
-            "communication_seconds": max(0.0, round_seconds - compute - aggregate_seconds - eval_seconds),
-            "samples_trained": int(sum(u.metrics.get("samples", 0) for u in accepted)),
-            "site_train_seconds": {u.site: u.metrics.get("train-seconds") for u in accepted},
-            "site_peak_memory_mb": {u.site: u.metrics.get("peak-memory-mb") for u in accepted},
-        }
-        if evaluation is not None:
-            record_row["federated_eval"] = evaluation.to_record()
-        if server_test is not None:
-            record_row["server_test"] = server_test
-        epsilons = [u.metrics["epsilon"] for u in accepted if "epsilon" in u.metrics]
-        if epsilons:
-            record_row["epsilon_worst_site"] = max(epsilons)
-        received = sum(replies.bytes_received.values())
-        if received:
-            record_row["compression_ratio"] = record_row["dense_update_bytes"] * len(replies.bytes_received) / received
-        history.append(record_row)
-        with (out / ROUNDS).open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record_row) + "\n")
-        names = dict(stage_names=stage_names, label_names=label_names)
-        meta = {**training_meta, "round": server_round}
-        kept = {**metrics, **({"server_test": server_test} if server_test else {})}
-        score = metrics.get("stage_macro_f1")
-        if score is not None and score > state["best_score"]:
-            state.update(best_round=server_round, best_score=score)
-            save_checkpoint(out / "best", model, tokenizer, metrics=kept, training=meta, **names)
-        save_checkpoint(out / "last", model, tokenizer, metrics=kept, training=meta, **names)
-        state["round"] = server_round
-        atomic_write_text(out / STATE, json.dumps(state) + "\n")
-        if metrics:
-            bar.set_postfix(acc=f"{metrics['accuracy']:.3f}", f1=f"{metrics['stage_macro_f1']:.3f}")
-        if cfg.convergence_tol > 0 and step_norm is not None and step_norm < cfg.convergence_tol:
-            log.info("converged after round %d: ‖Δθ‖ = %.3g < %g", server_round, step_norm, cfg.convergence_tol)
-            break
-    bar.close()
-    summary = _write_summary(out, cfg, history, state)
-    return summary
+    history += run_rounds(grid, job, cfg, range(state["round"] + 1, cfg.rounds + 1), rng, out / ROUNDS,
+                          "federated rounds", progress)
+    return _write_summary(out, cfg, history, state)
 
 
 def _resume_state(out: Path, model) -> tuple[dict, list[dict]]:
@@ -223,8 +153,7 @@ def _write_summary(out: Path, cfg: FederatedConfig, history: list[dict], state: 
         "last": evaluated[-1]["eval"] if evaluated else {},
         "server_test": next((h["server_test"] for h in reversed(history) if "server_test" in h), None),
         "eval_cases": evaluated[-1].get("federated_eval", {}).get("cases", {}) if evaluated else {},
-        "bytes_sent": sum(h["bytes_sent"] + h.get("federated_eval", {}).get("bytes_sent", 0) for h in history),
-        "bytes_received": sum(sum(h["bytes_received"].values()) for h in history),
+        "bytes_sent": summed_bytes(history)[0], "bytes_received": summed_bytes(history)[1],
         "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),
         "config": cfg.to_flat(),
     }
@@ -242,7 +171,7 @@ def run_from_config(grid: Grid, flat: dict, progress: bool = True):
         return export_from_config(grid, flat, progress=progress)
     cfg = FederatedConfig.from_flat(flat)
     if cfg.edge_bundle:
-        from fedlite.agents.edge_server import run_edge_server
+        from fedlite.federated.edge_server import run_edge_server
 
         return run_edge_server(grid, cfg, progress=progress)
     return run_server(grid, cfg, progress=progress)

@@ -71,7 +71,7 @@ def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progres
 
     cfg = simulation_config(cfg, load_split(cfg.split_dir))
     if cfg.edge_bundle:
-        from fedlite.agents.edge_server import run_edge_server
+        from fedlite.federated.edge_server import run_edge_server
 
         # simulated sites share the coordinator's bundle; each embeds its own cases into the run's cache
         edge = {"bundle": cfg.edge_bundle, "cache-dir": str(Path(cfg.out).resolve() / "cache")}
