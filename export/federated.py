@@ -1,7 +1,8 @@
 """``fedlite export --sites``: the export as federated jobs, so the coordinator needs no patient case.
 
 The coordinator holds the teacher checkpoint and the student; every step that needs cases is a job
-of the coordinator's round engine (``fedlite.federated.engine``, ``fedlite.federated.rounds``) over the sites (``export/site_tasks.py``):
+of the coordinator's round engine (``fedlite.federated.engine``, ``rounds``) over the sites
+(``export/site_tasks.py``):
 
 1. ship the teacher to every site once (checked by hash, cached there);
 2. distill the student in federated rounds: each site distills against the teacher on its training
@@ -23,10 +24,11 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlite.atomic import atomic_write_text, staged_dir
@@ -46,8 +48,9 @@ from fedlite.export.prune import (Importance, PruneConfig, count_parameters, des
 from fedlite.export.quantize import QuantSettings, prepare_graph
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, append_row, run_rounds, summed_bytes
-from fedlite.federated.params import add_to_params, from_record, get_arrays, to_record
-from fedlite.federated.rounds import QUERY_TIMEOUT, QueryReplies, ask_sites, wait_for_nodes
+from fedlite.federated.params import add_to_params, get_arrays, to_record
+from fedlite.federated.replies import reply_arrays, reply_metrics
+from fedlite.federated.rounds import QUERY_TIMEOUT, T, ask_sites, read_replies, wait_for_nodes
 from fedlite.federated.shipped_files import pack_files
 from fedlite.model import FedMMX
 from fedlite.text import TOKENIZER_FILE
@@ -135,17 +138,25 @@ class _Job:
     def record(self, row: dict) -> None:
         append_row(self.log_path, row)
 
-    def ask(self, what: str, message_type: str, config: dict, **records) -> QueryReplies:
+    def ask(self, what: str, message_type: str, config: dict, read: Callable[[str, Message], T],
+            **records) -> dict[str, T]:
+        """Every site answers the query; each answer is read by ``read(site, msg)``. Too few
+        readable answers stop the export with the sites' reasons."""
         nodes = wait_for_nodes(self.grid, self.run.min_sites)
         content = RecordDict({**records, "config": ConfigRecord({**self.settings, **config})})
         answered = ask_sites(self.grid, nodes, content, message_type, self.timeout)
-        if len(answered.replies) < max(1, self.run.min_sites):
+        values = read_replies(answered, what, read)
+        if len(values) < max(1, self.run.min_sites):
             reasons = "; ".join(f"{f.site}: {f.reason}" for f in answered.failed) or "none answered"
-            raise InputError(f"{what}: {len(answered.replies)} of {len(nodes)} sites answered, the export needs "
+            raise InputError(f"{what}: {len(values)} of {len(nodes)} sites answered usably, the export needs "
                              f"{max(1, self.run.min_sites)} ({reasons})")
-        self.record({"job": what, "sites": sorted(answered.replies), "failed": [f.__dict__ for f in answered.failed],
+        self.record({"job": what, "sites": sorted(values), "failed": [f.__dict__ for f in answered.failed],
                      "bytes_sent": answered.bytes_sent, "seconds": answered.seconds})
-        return answered
+        return values
+
+
+def cases_of(site: str, msg: Message) -> int:
+    return int(reply_metrics(msg)["num-examples"])
 
 
 def student_settings(student: FedMMX) -> dict:
@@ -189,25 +200,22 @@ def distill_rounds(job: _Job, student: FedMMX, rounds: int, phase: str) -> dict:
 
 def merged_importance(job: _Job, student: FedMMX) -> tuple[Importance, dict]:
     """Importance of every head and FFN channel, summed over the sites' batches."""
-    answered = job.ask("importance", "query.importance", student_settings(student),
-                       arrays=to_record(get_arrays(student, [n for n, _ in student.named_parameters()])))
     layers = describe_architecture(student)
     expected = {f"{kind}/{enc}/{i}": (shape[key],) for enc, shapes in layers.items()
                 for i, shape in enumerate(shapes) for kind, key in (("heads", "heads"), ("channels", "ffn"))}
-    total = {name: np.zeros(shape) for name, shape in expected.items()}
-    cases = {}
-    for site, msg in answered.replies.items():
-        arrays = from_record(msg.content["stats"])
+
+    def read(site: str, msg: Message) -> tuple[dict[str, np.ndarray], int]:
+        arrays = reply_arrays(msg, "stats")
         bad = sorted(set(arrays) ^ set(expected)) or [n for n, v in arrays.items() if v.shape != expected[n]
                                                       or not np.isfinite(v).all() or (v < 0).any()]
         if bad:
-            log.warning("importance: %s did not count: malformed statistics (%s)", site, bad[0])
-            continue
-        for name, value in arrays.items():
-            total[name] += value
-        cases[site] = int(msg.content["metrics"]["num-examples"])
-    if not cases:
-        raise InputError("importance: no site sent usable statistics; nothing to prune by")
+            raise InputError(f"importance statistic {bad[0]} is missing, unexpected, misshapen or not finite")
+        return arrays, cases_of(site, msg)
+
+    answers = job.ask("importance", "query.importance", student_settings(student), read,
+                      arrays=to_record(get_arrays(student, [n for n, _ in student.named_parameters()])))
+    total = {name: sum(arrays[name] for arrays, _ in answers.values()) for name in expected}
+    cases = {site: count for site, (_, count) in answers.items()}
 
     def scores(kind: str) -> dict[str, list[torch.Tensor]]:
         return {enc: [torch.from_numpy(total[f"{kind}/{enc}/{i}"]).float() for i in range(len(shapes))]
@@ -230,28 +238,30 @@ def merged_calibration(job: _Job, sources: dict[str, Path], work: Path) -> tuple
     if not asked:
         return merged, {}
     files, digest = pack_files(work, list(asked.values()))
-    answered = job.ask("calibrate", "query.calibrate", {"graphs-digest": digest, "graph-files": json.dumps(asked),
-                                                        "operators": json.dumps(operators)}, files=to_record(files))
-    per_graph: dict[str, list] = {name: [] for name in asked}
-    cases = {}
-    for site, msg in answered.replies.items():
-        arrays = from_record(msg.content["stats"])
+
+    def read(site: str, msg: Message) -> tuple[dict[str, CalibrationStats], int]:
+        arrays = reply_arrays(msg, "stats")
+        stats = {}
         for name in asked:
             part = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{name}/")}
-            per_graph[name].append(decode_statistics(part, expected[name], source=f"{site} ({name})"))
-        cases[site] = int(msg.content["metrics"]["num-examples"])
-    return {**merged, **{name: merge_statistics(stats) for name, stats in per_graph.items()}}, cases
+            stats[name] = decode_statistics(part, expected[name], source=f"{site} ({name})")
+        return stats, cases_of(site, msg)
+
+    answers = job.ask("calibrate", "query.calibrate", {"graphs-digest": digest, "graph-files": json.dumps(asked),
+                                                        "operators": json.dumps(operators)}, read,
+                      files=to_record(files))
+    merged.update({name: merge_statistics([stats[name] for stats, _ in answers.values()]) for name in asked})
+    return merged, {site: count for site, (_, count) in answers.items()}
 
 
 def site_parity(job: _Job, staged: Path, num_stages: int) -> tuple[dict, dict]:
     """The staged bundle and the teacher scored at the sites: the parity report and validation cases per site."""
     files, digest = pack_files(staged)
-    answered = job.ask("verify", "evaluate.parity", {"bundle-digest": digest}, files=to_record(files))
-    parts, cases = [], {}
-    for site, msg in answered.replies.items():
-        stats = ParityStats.from_arrays(from_record(msg.content["stats"]), num_stages)
-        parts.append(stats)
-        cases[site] = stats.models["teacher"].cases
+    answers = job.ask("verify", "evaluate.parity", {"bundle-digest": digest},
+                      lambda site, msg: ParityStats.from_arrays(reply_arrays(msg, "stats"), num_stages),
+                      files=to_record(files))
+    parts = list(answers.values())
+    cases = {site: stats.models["teacher"].cases for site, stats in answers.items()}
     merged = merge_parity(parts, num_stages)
     if merged.models["teacher"].cases == 0:
         raise InputError("no site holds validation cases to verify the bundle on",
@@ -283,8 +293,7 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
         log_path = scratch / ROUNDS
         files, digest = pack_files(checkpoint, [WEIGHTS, CONFIG, TOKENIZER_FILE])
         job = _Job(grid, run, digest, options, log_path)
-        answered = job.ask("teacher", "query.teacher", {}, files=to_record(files))
-        train_cases = {s: int(m.content["metrics"]["num-examples"]) for s, m in answered.replies.items()}
+        train_cases = job.ask("teacher", "query.teacher", {}, cases_of, files=to_record(files))
         report: dict = {"teacher_parameters": count_parameters(teacher)}
 
         # The same order as the pooled export: a new student is pruned first, so every distillation

@@ -148,6 +148,11 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--max-staleness", default=2, show_default=True, help="Rounds a late update may lag.")
 @click.option("--staleness-decay", default=0.5, show_default=True, help="λ in (N_c/N)·e^(−λτ).")
 @click.option("--convergence-tol", default=0.0, show_default=True, help="Stop when ‖θ_t+1 − θ_t‖ is below it.")
+@click.option("--aggregation", type=click.Choice(["fedavg", "median", "trimmed-mean"]), default="fedavg",
+              show_default=True, help="How the sites' updates are combined; median and trimmed-mean (coordinate-"
+                                      "wise) hold against a few poisoning sites.")
+@click.option("--trim-fraction", default=0.1, show_default=True,
+              help="trimmed-mean: share of the updates dropped at each end of every coordinate.")
 @click.option("--eval-every", default=1, show_default=True,
               help="Federated evaluation every N rounds (and after the last): sites score the global model on "
                    "their validation parts and send statistics only; best/ is the round they scored best.")
@@ -173,7 +178,8 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
           text_weights: Path | None, rounds: int, sites_per_round: int,
           freeze_rounds: int, strategy: str, proximal_mu: float, dp: bool, noise_multiplier: float,
           max_grad_norm: float, dp_delta: float, compress: bool, topk: float, round_timeout: float,
-          max_staleness: int, staleness_decay: float, convergence_tol: float, eval_every: int,
+          max_staleness: int, staleness_decay: float, convergence_tol: float, aggregation: str,
+          trim_fraction: float, eval_every: int,
           site_val_fraction: float, server_test: Path | None, resume_dir: Path | None,
           edge_bundle: Path | None, device: str, workers: int, seed: int, out: Path | None) -> None:
     """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
@@ -211,7 +217,8 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
             fusion=fusion, rounds=rounds, sites_per_round=sites_per_round, freeze_rounds=freeze_rounds,
             convergence_tol=convergence_tol, round_timeout=round_timeout, max_staleness=max_staleness,
             eval_every=eval_every, site_val_fraction=site_val_fraction, server_test=str(server_test or ""),
-            staleness_decay=staleness_decay, local_epochs=epochs, batch_size=batch_size, lr=lr,
+            staleness_decay=staleness_decay, aggregation=aggregation, trim_fraction=trim_fraction,
+            local_epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, gamma=gamma, proximal_mu=proximal_mu if strategy == "fedprox" else 0.0,
             dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
             compress=compress, topk_fraction=topk, seed=seed, device=device,

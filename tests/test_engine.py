@@ -12,67 +12,11 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, run_rounds
-from fedlite.federated.params import from_record, to_record
-
-TARGETS = {1: ("site-a", 10, 1.0), 2: ("site-b", 30, 3.0), 3: ("site-c", 60, -2.0)}
-
-
-class _Reply:
-    def __init__(self, reply_to: str, content: RecordDict):
-        self.metadata = type("Metadata", (), {"reply_to_message_id": reply_to})()
-        self.content = content
-
-    def has_error(self) -> bool:
-        return False
-
-
-class _Outgoing:
-    """A coordinator's message as the fake sites see it (Flower's Message needs a running Grid)."""
-
-    def __init__(self, content: RecordDict, dst_node_id: int, message_type: str):
-        self.content = content
-        self.metadata = type("Metadata", (), {"dst_node_id": dst_node_id, "message_type": message_type})()
-
-
-@pytest.fixture(autouse=True)
-def _offline_messages(monkeypatch):
-    monkeypatch.setattr("fedlite.federated.rounds.Message", _Outgoing)
-
-
-class _Sites:
-    """A Grid whose sites train instantly: Δ = (target − w) / 2, reported with their case counts."""
-
-    def __init__(self, poisoned: int | None = None):
-        self.poisoned, self.replies, self.pushed, self.types = poisoned, {}, 0, []
-
-    def get_node_ids(self):
-        return list(TARGETS)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            self.pushed += 1
-            node, message_id = msg.metadata.dst_node_id, f"m{self.pushed}"
-            self.types.append(msg.metadata.message_type)
-            site, cases, target = TARGETS[node]
-            w = from_record(msg.content["arrays"])["w"]
-            delta = (target - w) / 2
-            if node == self.poisoned:
-                delta = np.full_like(w, np.nan)
-            self.replies[message_id] = _Reply(message_id, RecordDict({
-                "arrays": to_record({"w": delta.astype(np.float32)}),
-                "metrics": MetricRecord({"num-examples": cases, "train-loss": float(np.abs(delta).mean()),
-                                         "train-seconds": 0.0}),
-                "info": ConfigRecord({"site": site})}))
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+from fake_sites import TARGETS, offline_messages  # noqa: F401 (fixture)
+from fake_sites import Sites as _Sites
 
 
 class _ToyJob(UpdateJob):
@@ -98,15 +42,23 @@ class _ToyJob(UpdateJob):
         self.saved.append((server_round, len(recorded)))
 
 
-CFG = FederatedConfig(rounds=12, min_sites=3, round_timeout=5.0)
+# The toy updates are large beside the toy parameters; the norm bound gets its own test.
+CFG = FederatedConfig(rounds=12, min_sites=3, round_timeout=5.0, max_update_ratio=1e6)
+
+
+def _run(grid, cfg=CFG, rounds=12, tmp_path=None, job=None):
+    job = job or _ToyJob(tmp_path / "r.jsonl")
+    rows = run_rounds(grid, job, cfg, range(1, rounds + 1), np.random.default_rng(0), tmp_path / "r.jsonl", "toy",
+                      False)
+    return job, rows
 
 
 def test_the_loop_averages_with_fedavg_weights_and_records_one_schema(tmp_path):
     job, log_path = _ToyJob(tmp_path / "rounds.jsonl"), tmp_path / "rounds.jsonl"
     history = run_rounds(_Sites(), job, CFG, range(1, 13), np.random.default_rng(0), log_path, "toy", False)
-    # Each round moves w halfway to the case-weighted mean of the targets, its fixed point.
-    fedavg = sum(c * t for _, c, t in TARGETS.values()) / sum(c for _, c, _ in TARGETS.values())
-    assert job.w == pytest.approx(np.full(4, fedavg), abs=1e-3)
+    # Each round moves w halfway to the weighted mean of the targets, its fixed point. Site c holds
+    # 60 % of the cases, over the 50 % cap: it weighs 0.5, and a and b share the rest 1:3.
+    assert job.w == pytest.approx(np.full(4, 0.125 * 1.0 + 0.375 * 3.0 + 0.5 * -2.0), abs=1e-3)
     rows = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert rows == json.loads(json.dumps(history)) and [r["round"] for r in rows] == list(range(1, 13))
     assert job.saved == [(r, r - 1) for r in range(1, 13)]  # saved before its record is written
@@ -118,12 +70,18 @@ def test_the_loop_averages_with_fedavg_weights_and_records_one_schema(tmp_path):
         parts = (row["site_compute_seconds"] + row["communication_seconds"] + row["aggregate_seconds"]
                  + row["eval_seconds"])
         assert parts == pytest.approx(row["round_seconds"], rel=1e-9)
-    assert rows[0]["train_loss"] > rows[-1]["train_loss"]
+    assert rows[0]["train_loss"] == pytest.approx((10 * 0.5 + 30 * 1.5 + 60 * 1.0) / 100)  # case-weighted
+
+
+def test_without_a_cap_the_weights_are_fedavgs_case_counts(tmp_path):
+    job, _ = _run(_Sites(), dataclasses.replace(CFG, max_site_share=1.0), tmp_path=tmp_path)
+    fedavg = sum(c * t for _, c, t in TARGETS.values()) / sum(c for _, c, _ in TARGETS.values())
+    assert job.w == pytest.approx(np.full(4, fedavg), abs=1e-3)
 
 
 def test_a_malformed_update_is_refused_with_the_site_named_and_never_applied(tmp_path):
-    grid, job = _Sites(poisoned=2), _ToyJob(tmp_path / "r.jsonl")
-    rows = run_rounds(grid, job, CFG, range(1, 4), np.random.default_rng(0), tmp_path / "r.jsonl", "toy", False)
+    grid = _Sites(poisoned=2)
+    job, rows = _run(grid, rounds=3, tmp_path=tmp_path)
     assert np.isfinite(job.w).all()
     for row in rows:
         assert sorted(row["sites"]) == ["site-a", "site-c"]
@@ -132,7 +90,41 @@ def test_a_malformed_update_is_refused_with_the_site_named_and_never_applied(tmp
 
 
 def test_the_loop_stops_once_the_update_is_below_the_convergence_tolerance(tmp_path):
-    cfg = dataclasses.replace(CFG, convergence_tol=1e-2)
-    rows = run_rounds(_Sites(), _ToyJob(tmp_path / "r.jsonl"), cfg, range(1, 100), np.random.default_rng(0),
-                      tmp_path / "r.jsonl", "toy", False)
+    _, rows = _run(_Sites(), dataclasses.replace(CFG, convergence_tol=1e-2), rounds=99, tmp_path=tmp_path)
     assert 1 < len(rows) < 99 and rows[-1]["update_norm"] < 1e-2 <= rows[-2]["update_norm"]
+
+
+def test_an_update_longer_than_the_parameters_it_changes_is_refused_whatever_the_site_count(tmp_path):
+    # With w = 0 the bound is max_update_ratio × 1: site a's first step (norm 1) passes, b's and c's not.
+    job, rows = _run(_Sites(), dataclasses.replace(CFG, max_update_ratio=1.0), rounds=1, tmp_path=tmp_path)
+    assert rows[0]["sites"] == ["site-a"]
+    assert sorted(r["site"] for r in rows[0]["rejected"]) == ["site-b", "site-c"]
+    assert all("over the bound" in r["reason"] for r in rows[0]["rejected"])
+
+
+def test_float64_values_that_overflow_float32_are_refused(tmp_path):
+    job, rows = _run(_Sites(poisoned=2, poison=lambda d: np.full(d.shape, 1e300)), rounds=2, tmp_path=tmp_path)
+    assert np.isfinite(job.w).all() and all([r["site"] for r in row["rejected"]] == ["site-b"] for row in rows)
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean"])
+def test_robust_aggregation_holds_against_one_poisoning_site_where_fedavg_does_not(tmp_path, method):
+    # site b sends its step reversed and twice as long: finite, well shaped, within 10x of the
+    # others' norms, so every screen passes it. FedAvg is driven away from every honest target.
+    poison = dict(poisoned=2, poison=lambda d: d * -2)
+    (tmp_path / "fedavg").mkdir()
+    (tmp_path / method).mkdir()
+    fedavg, rows = _run(_Sites(**poison), rounds=4, tmp_path=tmp_path / "fedavg")
+    robust, _ = _run(_Sites(**poison), dataclasses.replace(CFG, aggregation=method, trim_fraction=0.34),
+                     rounds=4, tmp_path=tmp_path / method)
+    assert all(not row["rejected"] for row in rows)
+    assert np.abs(fedavg.w).min() > 3
+    assert -2.0 <= robust.w.min() and robust.w.max() <= 3.0  # within the honest targets
+
+
+def test_a_step_that_would_overflow_the_model_is_not_applied():
+    from fedlite.federated.engine import non_finite_result
+
+    arrays = {"w": np.full(3, 3e38, np.float32)}
+    assert non_finite_result(arrays, {"w": np.full(3, 1e38, np.float32)}) == "w would not be finite"
+    assert non_finite_result(arrays, {"w": np.full(3, -1e38, np.float32)}) is None

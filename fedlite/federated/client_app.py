@@ -5,7 +5,8 @@ training part of its cases, and replies with the update Δθ = θ_local − θ_g
 optionally compressed with error feedback) plus aggregate metrics. On an evaluate message it scores
 the global model on its validation part (``fedlite.data.holdout``) and replies with sufficient
 statistics (``fedlite.eval_stats``). Nothing else leaves the site: no image, note, case id,
-per-case prediction or explanation is ever put in a reply.
+per-case prediction or explanation is ever put in a reply, and a failed job's error stays in the
+site's log (``site_guard``).
 
 The site's data directory comes from the SuperNode's node config (``data-dir``); in a simulation the
 driver maps each simulated node's ``partition-id`` to a site of a split instead (``site.site_paths``).
@@ -27,6 +28,7 @@ from fedlite.eval_stats import EvalStats
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import from_record, frozen_fingerprint, set_arrays, trainable_names
 from fedlite.federated.site import site_paths
+from fedlite.federated.site_guard import guarded
 from fedlite.federated.site_update import local_update, stats_reply, update_reply
 from fedlite.federated.task import cached_dataset, cached_model
 from fedlite.training import predict, resolve_device
@@ -99,6 +101,7 @@ def make_client_app(split_dir: str | Path | None = None, site_defaults: dict[str
     defaults = site_defaults or {}
 
     @client.train()
+    @guarded
     def train(msg: Message, context: Context) -> Message:
         if msg.content["config"].get("mode") == "edge":
             from fedlite.agents.edge_client import edge_train
@@ -107,6 +110,7 @@ def make_client_app(split_dir: str | Path | None = None, site_defaults: dict[str
         return train_site(msg, context, split_dir)
 
     @client.evaluate()
+    @guarded
     def evaluate(msg: Message, context: Context) -> Message:
         if msg.content["config"].get("mode") == "edge":
             from fedlite.agents.edge_client import edge_evaluate
@@ -120,7 +124,7 @@ def make_client_app(split_dir: str | Path | None = None, site_defaults: dict[str
             from fedlite.export import site_tasks
 
             return getattr(site_tasks, name)(msg, context, split_dir, defaults)
-        return handle
+        return guarded(handle)
 
     client.query("teacher")(export_task("receive_teacher"))
     client.train("distill")(export_task("distill_site"))

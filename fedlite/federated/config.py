@@ -16,6 +16,7 @@ from fedlite.data.holdout import DEFAULT_VAL_FRACTION
 from fedlite.data.manifest import DEFAULT_STAGE_NAMES
 from fedlite.errors import InputError
 
+AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 RUN_CONFIG = "run_config.json"  # a run directory's settings, so ``--resume`` continues exactly that run
 
 
@@ -41,6 +42,11 @@ class FederatedConfig:
     round_timeout: float = 0.0  # seconds; 0: wait for every sampled site
     max_staleness: int = 2  # late updates older than this many rounds are dropped (and logged)
     staleness_decay: float = 0.5  # λ in (N_c/N)·e^{−λτ}
+    # screening and aggregation of the sites' updates (fedlite.federated.aggregate)
+    aggregation: str = "fedavg"  # or "median", "trimmed-mean": coordinate-wise, robust to a few bad sites
+    trim_fraction: float = 0.1  # trimmed mean: share of the updates dropped at each end, per coordinate
+    max_update_ratio: float = 1.0  # an update longer than this × the norm of what it updates is refused
+    max_site_share: float = 0.5  # with 3+ sites, no site's FedAvg weight above this share
     eval_every: int = 1
     site_val_fraction: float = DEFAULT_VAL_FRACTION  # held out at each site that has no val/ of its own
     # local training
@@ -71,6 +77,13 @@ class FederatedConfig:
             raise InputError("freeze rounds must be >= 0, local epochs and batch size >= 1")
         if not 0 < self.topk_fraction <= 1:
             raise InputError(f"top-k fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.aggregation not in AGGREGATIONS:
+            raise InputError(f"unknown aggregation {self.aggregation!r}", hint=f"one of {', '.join(AGGREGATIONS)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise InputError(f"the trim fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.max_update_ratio <= 0 or not 0 < self.max_site_share <= 1:
+            raise InputError("the update ratio bound must be > 0 and the site share cap in (0, 1], got "
+                             f"{self.max_update_ratio} and {self.max_site_share}")
         if self.eval_every < 1:
             raise InputError(f"--eval-every must be at least 1, got {self.eval_every}")
         if not 0 <= self.site_val_fraction < 1:

@@ -2,8 +2,9 @@
 
 Full-model training, edge fine-tuning of a bundle's head and the export's distillation are all
 the same loop: wait for enough sites, sample them, push the global parameters, collect updates until
-the deadline (late ones are kept and folded into a later round, damped by their staleness), screen,
-average, apply, evaluate, save, record. A job says only what differs through ``UpdateJob``: which
+the deadline (late ones are kept and folded into a later round, damped by their staleness), screen
+(with a norm bound relative to the parameters sent), aggregate, apply unless the result would not be
+finite, evaluate, save, record. A job says only what differs through ``UpdateJob``: which
 parameters travel with which settings, how the average is applied, how the result is scored and
 kept. Every job's rounds are recorded in one schema (``round_record``).
 """
@@ -21,7 +22,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
-from fedlite.federated.aggregate import Rejection, SiteUpdate, update_norm, weighted_delta
+from fedlite.federated.aggregate import Rejection, SiteUpdate, aggregate, update_norm
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import to_record
 from fedlite.federated.rounds import RoundReplies, sample_sites, update_round, wait_for_nodes
@@ -85,16 +86,22 @@ def run_rounds(grid: Grid, job: UpdateJob, cfg: FederatedConfig, rounds: range, 
         shapes = {n: tuple(a.shape) for n, a in arrays.items()}
         record = to_record(arrays)
         content = RecordDict({"arrays": record, "config": ConfigRecord(job.settings(server_round))})
+        max_norm = cfg.max_update_ratio * max(update_norm(arrays), 1.0)
         accepted, rejected, replies = update_round(grid, sampled, content, shapes, outstanding, server_round,
-                                                   cfg.round_timeout, cfg.max_staleness, job.message_type)
+                                                   cfg.round_timeout, cfg.max_staleness, job.message_type, max_norm)
         aggregate_start = time.perf_counter()
-        step = None
+        step, refused = None, None
         if accepted:
-            delta = weighted_delta(accepted, cfg.staleness_decay)
-            job.apply(delta)
-            step = update_norm(delta)
+            delta = aggregate(accepted, cfg.aggregation, cfg.staleness_decay, cfg.max_site_share, cfg.trim_fraction)
+            refused = non_finite_result(arrays, delta)
+            if refused is None:
+                job.apply(delta)
+                step = update_norm(delta)
+            else:
+                log.error("round %d: the averaged update is not applied: %s", server_round, refused)
         row = round_record(server_round, RoundExchange(accepted, rejected, replies, sampled, record.count_bytes(),
                                                        shapes), step)
+        row["step_refused"] = refused
         eval_start = time.perf_counter()
         job.evaluate(server_round, row, nodes)
         end = time.perf_counter()
@@ -109,6 +116,16 @@ def run_rounds(grid: Grid, job: UpdateJob, cfg: FederatedConfig, rounds: range, 
             break
     bar.close()
     return history
+
+
+def non_finite_result(arrays: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> str | None:
+    """Why adding ``delta`` would leave a parameter NaN or Inf (each update was finite, their sum
+    or its sum with the model can still overflow), or None."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, value in delta.items():
+            if not np.isfinite(arrays[name] + value).all():
+                return f"{name} would not be finite"
+    return None
 
 
 def round_record(server_round: int, exchange: RoundExchange, step_norm: float | None) -> dict:

@@ -13,8 +13,10 @@ with the site named, never crashes the run.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -22,11 +24,13 @@ from flwr.serverapp import Grid
 
 from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats, merge
-from fedlite.federated.aggregate import Rejection, SiteUpdate, check_update, screen_updates
+from fedlite.federated.aggregate import Rejection, SiteUpdate, screen_updates
 from fedlite.federated.compress import decode_update, is_encoded
-from fedlite.federated.params import from_record
+from fedlite.federated.replies import reply_arrays, reply_metrics, reply_site
+from fedlite.federated.site_guard import TAG
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 QUERY_TIMEOUT = 600.0  # seconds a statistics query waits when the run sets no round timeout
 
 
@@ -49,8 +53,7 @@ class RoundReplies:
 
 def site_of(msg: Message, node_id: int) -> str:
     """The name a site gives itself in its reply, else its node id."""
-    info = msg.content.get("info") if not msg.has_error() else None
-    return str(info["site"]) if info is not None and "site" in info else f"node-{node_id}"
+    return reply_site(msg, node_id)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
@@ -77,18 +80,28 @@ def push(grid: Grid, content: RecordDict, nodes: list[int], message_type: str) -
 def _parse_update(msg: Message, sent: Outstanding, server_round: int, replies: RoundReplies) -> None:
     site = site_of(msg, sent.node_id)
     if msg.has_error():
-        replies.rejected.append(Rejection(site, f"site failed: {msg.error.reason}"))
+        replies.rejected.append(Rejection(site, site_failure(msg)))
         return
     try:
-        raw = from_record(msg.content["arrays"])
+        raw = reply_arrays(msg)
         replies.bytes_received[site] = msg.content["arrays"].count_bytes()
         delta = decode_update(raw, sent.shapes) if is_encoded(raw) else raw
-        metrics = dict(msg.content["metrics"])
-        num_examples = int(metrics["num-examples"])
-    except (InputError, KeyError, TypeError, ValueError) as exc:
+        metrics = reply_metrics(msg, required=("num-examples", "train-loss"))
+    except (InputError, ValueError) as exc:
         replies.rejected.append(Rejection(site, f"malformed update: {exc}"))
         return
-    replies.updates.append(SiteUpdate(site, delta, num_examples, server_round - sent.server_round, metrics))
+    replies.updates.append(SiteUpdate(site, delta, int(metrics["num-examples"]), server_round - sent.server_round,
+                                      metrics))
+
+
+def site_failure(msg: Message) -> str:
+    """A failed site's reason: the line the site meant for the coordinator when the runtime wrapped
+    it (Ray's tracebacks in a simulation), else the start of the text; one line, printable only."""
+    reason = str(msg.error.reason)
+    if TAG in reason:
+        reason = reason.split(TAG, 1)[1].split("\n", 1)[0]
+        reason = reason.split("'>", 1)[0]  # Flower's "<class ...>:<'text'>" around the exception's text
+    return "site failed: " + "".join(c if c.isprintable() else " " for c in reason)[:300]
 
 
 def collect(grid: Grid, outstanding: dict[str, Outstanding], server_round: int, current: set[str],
@@ -112,16 +125,20 @@ def collect(grid: Grid, outstanding: dict[str, Outstanding], server_round: int, 
     return replies
 
 
-def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]],
-                   server_round: int) -> tuple[list[SiteUpdate], list[Rejection]]:
+def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]], server_round: int,
+                   max_norm: float = math.inf) -> tuple[list[SiteUpdate], list[Rejection]]:
     """Screen this round's updates together and late ones each on its own; log every rejection."""
     # Stale updates computed while other tensors were trainable are checked against their own round.
     fresh = [u for u in replies.updates if u.staleness == 0]
-    stale = [u for u in replies.updates if u.staleness > 0 and set(u.delta) <= set(shapes)]
-    accepted, rejected = screen_updates(fresh, shapes)
+    stale = [u for u in replies.updates if u.staleness > 0]
+    accepted, rejected = screen_updates(fresh, shapes, max_norm)
     for update in stale:
-        reason = check_update(update.delta, {n: shapes[n] for n in update.delta})
-        (rejected.append(Rejection(update.site, reason)) if reason else accepted.append(update))
+        if not set(update.delta) <= set(shapes):
+            rejected.append(Rejection(update.site, "a late update of tensors this round does not train"))
+            continue
+        kept, refused = screen_updates([update], {n: shapes[n] for n in update.delta}, max_norm)
+        accepted += kept
+        rejected += refused
     rejected += replies.rejected
     for rejection in rejected:
         log.warning("round %d: rejected the update of %s: %s", server_round, rejection.site, rejection.reason)
@@ -130,14 +147,15 @@ def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]],
 
 def update_round(grid: Grid, sampled: list[int], content: RecordDict, shapes: dict[str, tuple[int, ...]],
                  outstanding: dict[str, Outstanding], server_round: int, timeout: float, max_staleness: int,
-                 message_type: str = "train") -> tuple[list[SiteUpdate], list[Rejection], RoundReplies]:
+                 message_type: str = "train",
+                 max_norm: float = math.inf) -> tuple[list[SiteUpdate], list[Rejection], RoundReplies]:
     """One round of an update job: push ``content`` to the sampled sites, collect until the deadline,
     screen. ``outstanding`` carries late messages from round to round."""
     ids = push(grid, content, sampled, message_type)
     for message_id, node in zip(ids, sampled):
         outstanding[message_id] = Outstanding(node, server_round, shapes)
     replies = collect(grid, outstanding, server_round, set(ids), timeout, max_staleness)
-    accepted, rejected = accept_updates(replies, shapes, server_round)
+    accepted, rejected = accept_updates(replies, shapes, server_round, max_norm)
     return accepted, rejected, replies
 
 
@@ -167,7 +185,7 @@ def ask_sites(grid: Grid, nodes: list[int], content: RecordDict, message_type: s
             pending.discard(message_id)
             site = site_of(msg, ids[message_id])
             if msg.has_error():
-                result.failed.append(Rejection(site, f"site failed: {msg.error.reason}"))
+                result.failed.append(Rejection(site, site_failure(msg)))
             elif site in result.replies:
                 result.failed.append(Rejection(site, "a second site answered under this name"))
             else:
@@ -179,6 +197,19 @@ def ask_sites(grid: Grid, nodes: list[int], content: RecordDict, message_type: s
         log.warning("%s: %s did not count: %s", message_type, failure.site, failure.reason)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def read_replies(answered: QueryReplies, what: str, read: Callable[[str, Message], T]) -> dict[str, T]:
+    """Each answer read by ``read(site, msg)``; one that does not read is that site's failure,
+    recorded in ``answered.failed`` and logged, never the run's."""
+    values = {}
+    for site, msg in answered.replies.items():
+        try:
+            values[site] = read(site, msg)
+        except (InputError, ValueError) as exc:
+            answered.failed.append(Rejection(site, f"malformed {what}: {exc}"))
+            log.warning("%s: %s did not count: %s", what, site, answered.failed[-1].reason)
+    return values
 
 
 def _content_bytes(content: RecordDict) -> int:
@@ -207,16 +238,9 @@ def federated_evaluate(grid: Grid, nodes: list[int], content: RecordDict, num_st
     """Every site scores the model in ``content`` on its validation part and sends statistics back;
     they are checked and summed into the consortium's metrics."""
     answered = ask_sites(grid, nodes, content, "evaluate", timeout)
-    parts, cases, failed = [], {}, list(answered.failed)
-    for site, msg in answered.replies.items():
-        try:
-            stats = EvalStats.from_arrays(from_record(msg.content["stats"]), num_stages)
-        except (InputError, KeyError, TypeError, ValueError) as exc:
-            failed.append(Rejection(site, f"malformed evaluation statistics: {exc}"))
-            log.warning("evaluate: %s did not count: %s", site, failed[-1].reason)
-            continue
-        parts.append(stats)
-        cases[site] = stats.cases
-    total = merge(parts, num_stages)
+    stats = read_replies(answered, "evaluation statistics",
+                         lambda site, msg: EvalStats.from_arrays(reply_arrays(msg, "stats"), num_stages))
+    total = merge(list(stats.values()), num_stages)
     metrics = total.metrics(gamma) if total.cases else {}
-    return FederatedEvaluation(total, metrics, cases, failed, answered.bytes_sent, answered.seconds)
+    return FederatedEvaluation(total, metrics, {site: s.cases for site, s in stats.items()}, answered.failed,
+                               answered.bytes_sent, answered.seconds)
