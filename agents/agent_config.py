@@ -177,8 +177,16 @@ class ResourceSettings:
         return parse_memory(self.memory_max)
 
 
+@dataclass(frozen=True)
+class PolicySettings:
+    """Floors this hospital sets on what it does for the federation; the coordinator cannot lower them."""
+
+    require_dp: bool = _setting("bool", "true: train only with DP-SGD", default=False)
+    min_report_cases: int = _setting("cases", "no reply that sums fewer cases (0: no floor)", default=0)
+
+
 SECTIONS: dict[str, type] = {"superlink": SuperLinkSettings, "node": NodeSettings, "site": SiteSettings,
-                             "resources": ResourceSettings}
+                             "resources": ResourceSettings, "policy": PolicySettings}
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,7 @@ class AgentConfig:
     site: SiteSettings
     node: NodeSettings = NodeSettings()
     resources: ResourceSettings = ResourceSettings()
+    policy: PolicySettings = PolicySettings()
 
     @property
     def effective_threads(self) -> int:
@@ -201,7 +210,8 @@ class AgentConfig:
         ``threads`` is resolved, so the ClientApp uses exactly the threads the environment allows."""
         return {"data-dir": str(self.site.data_dir), "bundle": str(self.site.bundle),
                 "cache-dir": str(self.site.cache_dir), "report-dir": str(self.site.report_dir),
-                "threads": self.effective_threads}
+                "threads": self.effective_threads, "require-dp": self.policy.require_dp,
+                "min-report-cases": self.policy.min_report_cases}
 
 
 def thread_environment(threads: int) -> dict[str, str]:
@@ -287,13 +297,15 @@ def config_from_mapping(raw: dict, source: Path) -> AgentConfig:
     if problems:
         raise InputError(problems)
     return AgentConfig(superlink=SuperLinkSettings(**sections["superlink"]), site=SiteSettings(**sections["site"]),
-                       node=NodeSettings(**sections["node"]), resources=ResourceSettings(**sections["resources"]))
+                       node=NodeSettings(**sections["node"]), resources=ResourceSettings(**sections["resources"]),
+                       policy=PolicySettings(**sections["policy"]))
 
 
 def _convert(kind: str, value: Any, base: Path) -> Any:
     converters: dict[str, Callable[[Any], Any]] = {
         "address": _as_address, "path": lambda v: _as_path(v, base), "bool": _as_bool,
         "port": _as_int(1, 65535), "threads": _as_int(0, 1024), "memory": _as_memory,
+        "cases": _as_int(0, 10_000_000),
     }
     return converters[kind](value)
 
@@ -351,6 +363,8 @@ _COMMENTS = {
             "clientappio_port: this agent's local Runtime API port (127.0.0.1); distinct per agent on a host.",
     "site": "Read only: bundle, data_dir. Written: report_dir (explanations), cache_dir (embeddings).",
     "resources": "threads: 0 = automatic (up to 4). memory_max: systemd MemoryMax (\"6G\", \"512M\").",
+    "policy": "Floors the coordinator cannot lower. require_dp: train only with DP-SGD.\n"
+              "min_report_cases: send nothing that sums fewer cases (0: no floor).",
 }
 
 

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from fedlite.data.images import load_image, normalize, preprocess_image, resize
 from fedlite.data.manifest import Dataset
+from fedlite.errors import InputError
 from fedlite.export.bundle import read_bundle_meta, verify_bundle
 from fedlite.text import encode_notes, load_tokenizer, pad_id, pad_token_ids
 
@@ -92,6 +93,9 @@ class BundleRuntime:
     def head(self, image_embedding: np.ndarray, text_embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         leukemia, stage = self.sessions["head"].run(
             None, {"image_embedding": image_embedding, "text_embedding": text_embedding})
+        if not (np.isfinite(leukemia).all() and np.isfinite(stage).all()):
+            raise InputError("the bundle computed a probability that is NaN or Inf: the model is broken and "
+                             "its calls must not be used", path=self.path, hint="reinstall a verified bundle")
         return leukemia, stage
 
     def predict(self, pixels: np.ndarray, notes: list[str]) -> Prediction:

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from fedlite.atomic import json_text
 from fedlite.errors import InputError, Problem
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,9 @@ def seal_bundle(directory: Path, meta: dict, files: dict | None = None) -> dict:
     if files is None:
         paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
-    meta = {**meta, "format": FORMAT, "files": files}
+    meta = json.loads(json_text({**meta, "format": FORMAT, "files": files}))  # as it will read back
     meta[SELF_HASH] = _content_hash(meta)
-    (directory / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (directory / MANIFEST).write_text(json_text(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 

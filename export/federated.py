@@ -87,6 +87,7 @@ class ExportRunConfig:
     max_stage_f1_drop: float = Gate.max_stage_f1_drop
     min_agreement: float = Gate.min_case_agreement
     min_leukemia_agreement: float = Gate.min_leukemia_agreement
+    min_auc: float = Gate.min_auc
     force: bool = False
 
     def to_flat(self) -> dict:
@@ -110,7 +111,7 @@ class ExportRunConfig:
             int8=self.int8, quant=QuantSettings(mode=self.quantize),
             gate=Gate(max_accuracy_drop=self.max_accuracy_drop, max_auc_drop=self.max_auc_drop,
                       max_stage_f1_drop=self.max_stage_f1_drop, min_case_agreement=self.min_agreement,
-                      min_leukemia_agreement=self.min_leukemia_agreement),
+                      min_leukemia_agreement=self.min_leukemia_agreement, min_auc=self.min_auc),
             progress=progress)
 
 

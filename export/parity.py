@@ -34,6 +34,7 @@ class Gate:
     max_stage_f1_drop: float = 0.02
     min_case_agreement: float = 0.9  # same leukemia call and, where both call positive, same stage
     min_leukemia_agreement: float = 0.97
+    min_auc: float = 0.5  # an absolute floor: the bundle must call better than chance
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,7 +42,7 @@ class Gate:
 
 # Reports parity but refuses nothing: for baselines and for checks of other parts of the export.
 NO_GATE = Gate(max_accuracy_drop=100.0, max_auc_drop=1.0, max_stage_f1_drop=1.0, min_case_agreement=0.0,
-               min_leukemia_agreement=0.0)
+               min_leukemia_agreement=0.0, min_auc=0.0)
 
 
 def _headline(metrics: dict) -> dict:
@@ -118,17 +119,21 @@ def parity_report(leukemia: np.ndarray, stage: np.ndarray, outputs: dict[str, tu
 
 
 def _drop(ref: float, got: float) -> float:
-    """How far ``got`` fell below ``ref``; an undefined candidate beside a defined reference fails."""
-    if math.isnan(ref):
-        return 0.0
-    return math.inf if math.isnan(got) else ref - got
+    """How far ``got`` fell below ``ref`` (both defined: ``gate_failures`` refuses undefined ones first)."""
+    return ref - got
 
 
 def gate_failures(report: dict, candidate: str, gate: Gate) -> list[str]:
     """Every criterion ``candidate`` fails against the report's reference, each stated with its numbers."""
     ref = report["models"][report["reference"]]
     got = report["models"][candidate]
+    broken = [f"{name} {key}" for name, model in (("the teacher's", ref), ("the bundle's", got))
+              for key, value in model.items() if isinstance(value, float) and not math.isfinite(value)]
+    if broken:  # whatever the gate allows: a number that is not one means a broken model or an empty set
+        return [f"{', '.join(broken)} not a number: a model or the verification set is broken"]
     failures = []
+    if got["auc"] <= gate.min_auc:
+        failures.append(f"AUC {got['auc']:.4f} is not above {gate.min_auc} (chance is 0.5)")
     drop = _drop(ref["accuracy"], got["accuracy"]) * 100
     if drop > gate.max_accuracy_drop:
         failures.append(f"accuracy {got['accuracy'] * 100:.2f} % is {drop:.2f} points below the teacher's "

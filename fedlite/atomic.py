@@ -69,3 +69,21 @@ def staged_dir(final: str | Path, force: bool = True, what: str = "output") -> I
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def json_text(value, indent: int | None = None) -> str:
+    """Strict JSON of a record: an undefined metric (NaN, e.g. the AUC of a set with one class) or an
+    infinity is written as null, never as the NaN/Infinity tokens other JSON readers refuse."""
+    import json
+    import math
+
+    def finite(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {k: finite(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    return json.dumps(finite(value), indent=indent, allow_nan=False)

@@ -6,7 +6,6 @@ Read top to bottom it is the whole recipe; ``--modality image|text`` gives the u
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedlite.atomic import atomic_write_text
+from fedlite.atomic import atomic_write_text, json_text
 from fedlite.checkpoint import save_checkpoint
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import Dataset, read_dataset
@@ -118,7 +117,7 @@ def train_centralized(data: str | Path, out: str | Path, preset: str = "small", 
             record["eval"] = evaluate_model(model, eval_loader, dev)
         history.append(record)
         with history_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json_text(record) + "\n")
         score = record.get("eval", {}).get("stage_macro_f1", -float("inf"))
         if best is None or score > best["score"]:
             best = {"score": score, "epoch": epoch + 1}
@@ -130,6 +129,6 @@ def train_centralized(data: str | Path, out: str | Path, preset: str = "small", 
     summary = {"preset": preset, "modality": modality, "fusion": fusion, "best_epoch": best["epoch"],
                "best": best_metrics, "last": history[-1].get("eval", {}), "training": training_meta,
                "init": config.init}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json_text(summary, indent=2) + "\n")
     plot_history(history, out / "curves.png", title=f"{preset} · {modality} · centralized")
     return RunResult(out, out / "best", out / "last", best_metrics, history)

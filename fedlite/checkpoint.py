@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer
 
 from fedlite import __version__
-from fedlite.atomic import atomic_write_text, staged_dir
+from fedlite.atomic import atomic_write_text, json_text, staged_dir
 from fedlite.data.images import IMAGE_SIZE, MEAN, STD
 from fedlite.errors import InputError
 from fedlite.presets import ModelConfig
@@ -67,8 +67,8 @@ def save_checkpoint(path: str | Path, model, tokenizer: Tokenizer, stage_names, 
     with staged_dir(path, force=True, what="checkpoint") as tmp:
         save_file(state, str(tmp / WEIGHTS))
         tokenizer.save(str(tmp / TOKENIZER_FILE))
-        atomic_write_text(tmp / CONFIG, json.dumps(meta, indent=2) + "\n")
-        atomic_write_text(tmp / METRICS, json.dumps(metrics or {}, indent=2) + "\n")
+        atomic_write_text(tmp / CONFIG, json_text(meta, indent=2) + "\n")
+        atomic_write_text(tmp / METRICS, json_text(metrics or {}, indent=2) + "\n")
     return path
 
 
@@ -105,6 +105,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
         state = load_file(str(path / WEIGHTS), device=device)
     except (SafetensorError, OSError) as exc:
         raise InputError(f"corrupt weights: {exc}", path=path / WEIGHTS) from None
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        raise InputError(f"{len(broken)} weight tensors hold NaN or Inf, e.g. {broken[0]}: the model is broken",
+                         path=path / WEIGHTS, hint="use an earlier checkpoint of the run")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -380,6 +380,8 @@ def export() -> None:
                    "call leukemia, same stage.")
 @click.option("--min-leukemia-agreement", default=0.97, show_default=True,
               help="Share of held-out cases with the teacher's leukemia call.")
+@click.option("--min-auc", default=0.5, show_default=True,
+              help="The bundle's AUC must be above this, whatever the teacher's (0.5: chance).")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="Where distillation runs.")
 @click.option("--seed", default=0, show_default=True)
@@ -393,7 +395,7 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
                  eval_data: Path | None, sites_split: Path | None, site_val_fraction: float,
                  max_accuracy_drop: float, max_auc_drop: float,
                  max_stage_f1_drop: float, min_agreement: float, min_leukemia_agreement: float,
-                 batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
+                 min_auc: float, batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
     """Turn the teacher CHECKPOINT into a verified bundle for CPU servers.
 
     The data is chosen explicitly: --sites SPLIT (every step at the sites, on their own cases), --data DIR
@@ -419,7 +421,7 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
         calibration_cases=calibration_cases, fuse=not no_fuse,
         gate=Gate(max_accuracy_drop=max_accuracy_drop, max_auc_drop=max_auc_drop,
                   max_stage_f1_drop=max_stage_f1_drop, min_case_agreement=min_agreement,
-                  min_leukemia_agreement=min_leukemia_agreement),
+                  min_leukemia_agreement=min_leukemia_agreement, min_auc=min_auc),
         batch_size=batch_size, device=device, seed=seed, progress=not as_json)
     out = out or checkpoint.parent / "bundle"
     if keep_fp32:

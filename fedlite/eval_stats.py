@@ -47,6 +47,8 @@ class EvalStats:
         """From labels (stage -1 for negatives) and the two heads' probabilities."""
         leukemia, stage = np.asarray(leukemia, dtype=np.int64), np.asarray(stage, dtype=np.int64)
         leukemia_prob, stage_prob = np.asarray(leukemia_prob, np.float64), np.asarray(stage_prob, np.float64)
+        if not (np.isfinite(leukemia_prob).all() and np.isfinite(stage_prob).all()):
+            raise InputError("probabilities to score hold NaN or Inf: the model is broken")
         num_stages = stage_prob.shape[1]
         called = (leukemia_prob[:, 1] >= 0.5).astype(np.int64)
         leukemia_confusion = np.zeros((2, 2), np.int64)

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fedlite.errors import InputError
 from fedlite.metrics import evaluate_predictions
 from fedlite.model import FedMMX, FusionHead, multitask_loss
 
@@ -183,7 +184,10 @@ def predict(model: FedMMX, loader: DataLoader, device: torch.device, progress: b
             out = forward_batch(model, batch)
         leukemia.append(out.leukemia_logits.float().softmax(-1))
         stage.append(out.stage_logits.float().softmax(-1))
-    return torch.cat(leukemia).cpu().numpy(), torch.cat(stage).cpu().numpy()
+    leukemia_prob, stage_prob = torch.cat(leukemia).cpu().numpy(), torch.cat(stage).cpu().numpy()
+    if not (np.isfinite(leukemia_prob).all() and np.isfinite(stage_prob).all()):
+        raise InputError("the model computed a probability that is NaN or Inf: it is broken")
+    return leukemia_prob, stage_prob
 
 
 def evaluate_model(model: FedMMX, loader: DataLoader, device: torch.device, progress: bool = False) -> dict:

@@ -19,7 +19,7 @@ from fedlite.agents.supernode import EXIT_CONFIG
 from fedlite.cli import main
 from fedlite.errors import InputError
 
-NODE_CONFIG_KEYS = {"data-dir", "bundle", "cache-dir", "report-dir", "threads"}
+NODE_CONFIG_KEYS = {"data-dir", "bundle", "cache-dir", "report-dir", "threads", "require-dp", "min-report-cases"}
 
 
 def make_config(root: Path, **resources) -> AgentConfig:

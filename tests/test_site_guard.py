@@ -84,3 +84,17 @@ def test_a_site_with_a_bad_manifest_does_not_leak_its_case_into_the_coordinators
     assert "site-02" not in row["sites"] and row["sites"]
     assert any("incident" in r["reason"] for r in row["rejected"])
     assert CASE_ID not in text and "manifest" not in text
+
+
+def test_the_agents_policy_table_reaches_the_site_guard_through_the_node_config(tmp_path):
+    from fedlite.agents.agent_config import (AgentConfig, PolicySettings, SiteSettings, SuperLinkSettings,
+                                             read_agent_config, render_agent_config)
+    from fedlite.federated.site_guard import SitePolicy
+
+    config = AgentConfig(superlink=SuperLinkSettings(address="coordinator.example.org:9093", insecure=True),
+                         site=SiteSettings(bundle=tmp_path / "b", data_dir=tmp_path / "d", report_dir=tmp_path / "r"),
+                         policy=PolicySettings(require_dp=True, min_report_cases=20))
+    (tmp_path / "agent.toml").write_text(render_agent_config(config))
+    read = read_agent_config(tmp_path / "agent.toml")
+    assert read.policy == config.policy
+    assert SitePolicy.from_node(read.node_config()) == SitePolicy(require_dp=True, min_report_cases=20)

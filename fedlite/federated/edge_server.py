@@ -10,7 +10,6 @@ files, new hashes, version one higher, and a record of the rounds in its manifes
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedlite.atomic import atomic_write_text
+from fedlite.atomic import atomic_write_text, json_text
 from fedlite.export.bundle import encoder_fingerprint, verify_bundle
 from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from fedlite.federated.config import FederatedConfig
@@ -99,5 +98,5 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> 
                "rounds": len(history), "bytes_received": received, "bytes_sent": sent,
                "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),
                "config": cfg.to_flat()}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json_text(summary, indent=2) + "\n")
     return summary

@@ -11,7 +11,6 @@ kept. Every job's rounds are recorded in one schema (``round_record``).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ class RoundExchange:
 
 def append_row(path: Path, row: dict) -> None:
     with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
+        fh.write(json_text(row) + "\n")
 
 
 def run_rounds(grid: Grid, job: UpdateJob, cfg: FederatedConfig, rounds: range, rng: np.random.Generator,

@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlite.atomic import atomic_write_text
+from fedlite.atomic import atomic_write_text, json_text
 from fedlite.checkpoint import load_checkpoint, save_checkpoint
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import LABEL_NAMES, read_dataset
@@ -139,7 +139,7 @@ def _resume_state(out: Path, model) -> tuple[dict, list[dict]]:
     completed = int(last.meta["training"]["round"])
     rows = [json.loads(line) for line in (out / ROUNDS).read_text().splitlines() if line.strip()]
     history = [row for row in rows if row["round"] <= completed]
-    atomic_write_text(out / ROUNDS, "".join(json.dumps(row) + "\n" for row in history))
+    atomic_write_text(out / ROUNDS, "".join(json_text(row) + "\n" for row in history))
     scored = [(row["eval"]["stage_macro_f1"], row["round"]) for row in history if row.get("eval")]
     best_score, best_round = max(scored) if scored else (-1.0, 0)
     return {"round": completed, "best_round": best_round, "best_score": best_score}, history
@@ -157,7 +157,7 @@ def _write_summary(out: Path, cfg: FederatedConfig, history: list[dict], state: 
         "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),
         "config": cfg.to_flat(),
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json_text(summary, indent=2) + "\n")
     curves = [{**h, "train_loss": h["train_loss"] if h["train_loss"] is not None else float("nan")} for h in history]
     plot_history(curves, out / "curves.png", x_key="round", title=f"{cfg.preset} · federated")
     return summary
