@@ -163,6 +163,8 @@ class SiteSettings:
     data_dir: Path = _setting("path", "a dataset directory with manifest.jsonl")
     report_dir: Path = _setting("path", "where explanations are written")
     cache_dir: Path = _setting("path", "embedding cache", default=DEFAULT_CACHE_DIR)
+    bundle_public_key: Path | None = _setting("path", "the consortium's Ed25519 public key (PEM): only bundles "
+                                              "signed with its private key are used", default=None)
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ class AgentConfig:
         return {"data-dir": str(self.site.data_dir), "bundle": str(self.site.bundle),
                 "cache-dir": str(self.site.cache_dir), "report-dir": str(self.site.report_dir),
                 "threads": self.effective_threads, "require-dp": self.policy.require_dp,
+                "bundle-public-key": str(self.site.bundle_public_key or ""),
                 "min-report-cases": self.policy.min_report_cases}
 
 
@@ -361,7 +364,8 @@ _COMMENTS = {
     "superlink": "The federation's coordinator. root_certificate verifies its TLS certificate.",
     "node": "private_key/public_key: optional OpenSSH EC key pair for Flower node authentication.\n"
             "clientappio_port: this agent's local Runtime API port (127.0.0.1); distinct per agent on a host.",
-    "site": "Read only: bundle, data_dir. Written: report_dir (explanations), cache_dir (embeddings).",
+    "site": "Read only: bundle, data_dir. Written: report_dir (explanations), cache_dir (embeddings).\n"
+            "bundle_public_key: only bundles signed by this key's holder are used (predict, explain, fine-tuning).",
     "resources": "threads: 0 = automatic (up to 4). memory_max: systemd MemoryMax (\"6G\", \"512M\").",
     "policy": "Floors the coordinator cannot lower. require_dp: train only with DP-SGD.\n"
               "min_report_cases: send nothing that sums fewer cases (0: no floor).",

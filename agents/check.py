@@ -209,13 +209,15 @@ def check_node_keys(config: AgentConfig, config_path: Path) -> CheckItem:
 def check_bundle(config: AgentConfig) -> CheckItem:
     from fedlite.export.bundle import verify_bundle
 
-    bundle = config.site.bundle
+    bundle, key = config.site.bundle, config.site.bundle_public_key
     try:
-        meta = verify_bundle(bundle)
+        meta = verify_bundle(bundle, key)
     except InputError as exc:
-        return CheckItem("bundle", FAIL, f"{bundle} does not verify (tampered, corrupt or missing)",
+        what = "unsigned, wrongly signed, " if key is not None else ""
+        return CheckItem("bundle", FAIL, f"{bundle} does not verify ({what}tampered, corrupt or missing)",
                          _limited([str(p) for p in exc.problems]))
-    return CheckItem("bundle", OK, f"{bundle}: {len(meta['files'])} files match their SHA-256 "
+    signed = f", signed by the holder of {key}" if key is not None else ""
+    return CheckItem("bundle", OK, f"{bundle}: {len(meta['files'])} files match their SHA-256{signed} "
                                    f"(bundle version {meta.get('bundle_version')}, preset {meta.get('preset')})")
 
 

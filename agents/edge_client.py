@@ -36,13 +36,14 @@ log = logging.getLogger(__name__)
 _RUNTIMES: dict[tuple, BundleRuntime] = {}
 
 
-def site_runtime(bundle: Path, threads: int = 0) -> BundleRuntime:
-    """One verified runtime per bundle per process; a bundle replaced on disk is loaded and verified anew."""
+def site_runtime(bundle: Path, threads: int = 0, public_key: str = "") -> BundleRuntime:
+    """One verified runtime per bundle per process; a bundle replaced on disk is loaded and verified
+    anew. With ``public_key`` (the agent's pinned key) only a bundle its holder signed is used."""
     manifest = bundle / "bundle.json"
-    key = (str(bundle.resolve()), manifest.stat().st_mtime_ns if manifest.exists() else 0, threads)
+    key = (str(bundle.resolve()), manifest.stat().st_mtime_ns if manifest.exists() else 0, threads, public_key)
     if key not in _RUNTIMES:
         _RUNTIMES.clear()
-        _RUNTIMES[key] = BundleRuntime(bundle, RuntimeSettings(threads=threads))
+        _RUNTIMES[key] = BundleRuntime(bundle, RuntimeSettings(threads=threads), public_key=public_key or None)
     return _RUNTIMES[key]
 
 
@@ -57,7 +58,8 @@ class EdgeSite:
 def _site(msg: Message, context: Context, split_dir: str | Path | None, defaults: dict[str, str]) -> EdgeSite:
     """The site's verified bundle and the embeddings of its training and validation parts."""
     paths = site_paths(context, split_dir, defaults)
-    runtime = site_runtime(paths.path("bundle"), int(paths.node.get("threads", 0)))
+    runtime = site_runtime(paths.path("bundle"), int(paths.node.get("threads", 0)),
+                           paths.node.get("bundle-public-key", ""))
     flat, cfg = job_settings(msg)
     if encoder_fingerprint(runtime.meta) != str(flat["encoder-fingerprint"]):
         raise InputError("this site's bundle has other encoders than the coordinator's",

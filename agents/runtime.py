@@ -47,9 +47,11 @@ class Prediction:
 class BundleRuntime:
     """A verified bundle's three graphs, its tokenizer and its preprocessing."""
 
-    def __init__(self, bundle: str | Path, settings: RuntimeSettings | None = None, verify: bool = True) -> None:
+    def __init__(self, bundle: str | Path, settings: RuntimeSettings | None = None, verify: bool = True,
+                 public_key: str | Path | None = None) -> None:
+        """``public_key``: the bundle must be signed by its holder (``export/signing.py``)."""
         self.path = Path(bundle)
-        self.meta = verify_bundle(self.path) if verify else read_bundle_meta(self.path)
+        self.meta = verify_bundle(self.path, public_key) if verify else read_bundle_meta(self.path)
         self.settings = settings or RuntimeSettings()
         opts = self.settings.session_options()
         graphs = self.meta["graphs"]

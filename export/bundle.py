@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 from fedlite.atomic import json_text
@@ -39,18 +40,25 @@ def _content_hash(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def seal_bundle(directory: Path, meta: dict, files: dict | None = None) -> dict:
-    """Hash every file in ``directory`` into ``meta['files']`` and write ``bundle.json``.
+def seal_bundle(directory: Path, meta: dict, files: dict | None = None, signing_key=None) -> dict:
+    """Hash every file in ``directory`` into ``meta['files']`` and write ``bundle.json``; with an
+    Ed25519 ``signing_key`` also sign it (``export/signing.py``).
 
     ``files``: hashes from an earlier seal of the same, unchanged files, when only the manifest's
     content changes (the parity report is added after the sealed bundle was verified).
     """
+    from fedlite.export.signing import SIGNATURE, sign_manifest
+
     if files is None:
-        paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+        paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST, SIGNATURE))
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
     meta = json.loads(json_text({**meta, "format": FORMAT, "files": files}))  # as it will read back
     meta[SELF_HASH] = _content_hash(meta)
     (directory / MANIFEST).write_text(json_text(meta, indent=2) + "\n", encoding="utf-8")
+    if signing_key is not None:
+        sign_manifest(directory, signing_key, MANIFEST)
+    elif (directory / SIGNATURE).exists():
+        (directory / SIGNATURE).unlink()  # it signed other bytes
     return meta
 
 
@@ -83,12 +91,65 @@ def read_bundle_meta(bundle: str | Path) -> dict:
     if meta.get(SELF_HASH) != _content_hash(meta):
         raise InputError("bundle manifest was modified after export (its content hash does not match)",
                          path=path, hint="export the bundle again or restore it from a trusted copy")
+    problems = structure_problems(meta)
+    if problems:
+        raise InputError([Problem(p, path=path) for p in problems])
     return meta
 
 
-def verify_bundle(bundle: str | Path) -> dict:
-    """Check every file's SHA-256 against the manifest; refuse the bundle naming each bad file."""
+# What a runtime may be asked to allocate: a bundle asking for more is refused, not obeyed.
+PREPROCESSING_RANGES = {"image_size": (16, 1024), "max_length": (1, 4096)}
+
+
+def structure_problems(meta: dict) -> list[str]:
+    """Why ``meta`` cannot be trusted to point the runtime at its own files with sane settings:
+    every file it refers to is a plain name among its hashed files; sizes are in range."""
+    problems = []
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+            for v in files.values()):
+        return ["'files' must map each file name to its sha256 and bytes"]
+    graphs = meta.get("graphs")
+    referred = {"tokenizer": meta.get("tokenizer")}
+    if meta.get("head_weights") is not None:
+        referred["head_weights"] = meta["head_weights"]
+    if not isinstance(graphs, dict) or not all(isinstance(g, dict) for g in graphs.values()):
+        problems.append("'graphs' must map each graph to its entry")
+    else:
+        referred.update({f"graphs.{name}.file": g.get("file") for name, g in graphs.items()})
+    for key, name in referred.items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            problems.append(f"{key} must be a plain file name inside the bundle, got {name!r}")
+        elif name not in files:
+            problems.append(f"{key} names {name!r}, which the manifest does not hash")
+    prep = meta.get("preprocessing")
+    if not isinstance(prep, dict):
+        return problems + ["'preprocessing' is missing"]
+    for key, (low, high) in PREPROCESSING_RANGES.items():
+        value = prep.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            problems.append(f"preprocessing.{key} must be a whole number in {low}..{high}, got {value!r}")
+    for key in ("mean", "std"):
+        value = prep.get(key)
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value)
+                or (key == "std" and not all(v > 0 for v in value))):
+            problems.append(f"preprocessing.{key} must be three finite numbers" + (" above 0" if key == "std" else ""))
+    return problems
+
+
+def verify_bundle(bundle: str | Path, public_key=None) -> dict:
+    """Check every file's SHA-256 against the manifest; refuse the bundle naming each bad file.
+    ``public_key`` (a path or an Ed25519 public key): the manifest must carry its holder's signature."""
+    from fedlite.export.signing import SIGNATURE, check_signature, load_public_key
+
     bundle = Path(bundle)
+    if public_key is not None:
+        if not (bundle / MANIFEST).is_file():
+            read_bundle_meta(bundle)  # says what is missing
+        key = load_public_key(public_key) if isinstance(public_key, (str, Path)) else public_key
+        check_signature(bundle, key, MANIFEST)
     meta = read_bundle_meta(bundle)
     problems = []
     for name, expected in meta["files"].items():
@@ -102,7 +163,8 @@ def verify_bundle(bundle: str | Path) -> dict:
                                     path=path, hint="export the bundle again or restore it from a trusted copy"))
     if problems:
         raise InputError(problems)
-    extra = sorted(p.name for p in bundle.iterdir() if p.name != MANIFEST and p.name not in meta["files"])
+    extra = sorted(p.name for p in bundle.iterdir() if p.name not in (MANIFEST, SIGNATURE, *meta["files"]))
     if extra:
-        log.warning("bundle %s holds files it does not list (ignored): %s", bundle, ", ".join(extra))
+        raise InputError(f"the bundle holds files its manifest does not hash: {', '.join(extra)}", path=bundle,
+                         hint="remove them, or export the bundle again")
     return meta

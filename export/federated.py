@@ -88,6 +88,7 @@ class ExportRunConfig:
     min_agreement: float = Gate.min_case_agreement
     min_leukemia_agreement: float = Gate.min_leukemia_agreement
     min_auc: float = Gate.min_auc
+    sign_key: str = ""  # an Ed25519 private key on the coordinator: the bundle is signed with it
     force: bool = False
 
     def to_flat(self) -> dict:
@@ -112,7 +113,7 @@ class ExportRunConfig:
             gate=Gate(max_accuracy_drop=self.max_accuracy_drop, max_auc_drop=self.max_auc_drop,
                       max_stage_f1_drop=self.max_stage_f1_drop, min_case_agreement=self.min_agreement,
                       min_leukemia_agreement=self.min_leukemia_agreement, min_auc=self.min_auc),
-            progress=progress)
+            progress=progress, signing_key=Path(self.sign_key) if self.sign_key else None)
 
 
 def export_from_config(grid: Grid, flat: dict, progress: bool = True) -> ExportResult:
@@ -284,6 +285,7 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
                     run: FederatedConfig = EXPORT_RUN, force: bool = False) -> ExportResult:
     out = Path(out)
     check_output_free(out, options, force)
+    signing_key = options.load_signing_key()
     seed_everything(options.seed)
     ckpt = load_teacher(checkpoint)
     teacher = ckpt.model
@@ -332,7 +334,7 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
                 raise ParityGateFailed(failures, format_report(meta["parity"]))
             log.info("verified at %d sites on %d validation cases", len(validation_cases),
                      sum(validation_cases.values()))
-            meta = seal_bundle(staged, meta, files_meta)
+            meta = seal_bundle(staged, meta, files_meta, signing_key)
         atomic_write_text(out.with_name(out.name + ".rounds.jsonl"), log_path.read_text())
     return ExportResult(out, meta)
 

@@ -86,9 +86,10 @@ def _check_head_graph(path: Path, meta: dict, weights: dict[str, np.ndarray], to
 
 
 def write_bundle_with_head(bundle: str | Path, out: str | Path, weights: dict[str, np.ndarray], record: dict,
-                           force: bool = False) -> dict:
+                           force: bool = False, signing_key=None) -> dict:
     """Copy ``bundle`` to ``out`` with new head ``weights``; the version goes up by one and
-    ``record`` (what changed the head) is appended to the manifest's ``head_updates``."""
+    ``record`` (what changed the head) is appended to the manifest's ``head_updates``; signed with
+    ``signing_key`` when given."""
     from safetensors.numpy import save_file
 
     bundle, out = Path(bundle), Path(out)
@@ -109,5 +110,5 @@ def write_bundle_with_head(bundle: str | Path, out: str | Path, weights: dict[st
         new_meta["bundle_version"] = int(meta["bundle_version"]) + 1
         new_meta["head_updates"] = [*meta.get("head_updates", []),
                                     {"from_version": meta["bundle_version"], **record}]
-        sealed = seal_bundle(staged, new_meta)
+        sealed = seal_bundle(staged, new_meta, signing_key=signing_key)
     return sealed

@@ -60,6 +60,13 @@ class ExportOptions:
     device: str = "auto"
     seed: int = 0
     progress: bool = True
+    signing_key: Path | None = None  # an Ed25519 private key (PEM): the bundle is signed with it
+
+    def load_signing_key(self):
+        """The key, loaded (and so checked) before any work starts; None when unsigned."""
+        from fedlite.export.signing import load_private_key
+
+        return load_private_key(self.signing_key) if self.signing_key is not None else None
 
 
 @dataclass
@@ -203,6 +210,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
     ``eval_data`` for verification); see ``resolve_export_data``.
     """
     out = Path(out)
+    signing_key = options.load_signing_key()
     paths = {name: Path(p) if p is not None else None
              for name, p in (("data", data), ("eval_data", eval_data), ("proxy_data", proxy_data),
                              ("calibration", calibration))}
@@ -269,9 +277,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, options: ExportOption
             if failures:
                 raise ParityGateFailed(failures, format_report(meta["parity"]))
             log.info("verified on %d held-out cases of %s", len(test), test.root)
-            meta = seal_bundle(staged, meta, files)
+            meta = seal_bundle(staged, meta, files, signing_key)
             if extra:
-                seal_bundle(extra["student-onnx-fp32"], {**meta, "quantization": None}, extra_files)
+                seal_bundle(extra["student-onnx-fp32"], {**meta, "quantization": None}, extra_files, signing_key)
     return ExportResult(out, meta)
 
 

@@ -167,6 +167,9 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--edge", "edge_bundle", type=click.Path(path_type=Path), default=None,
               help="Edge fine-tuning: train only this bundle's head on the sites' cached embeddings and write "
                    "the bundle with the averaged head (version + 1) into the run directory.")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
+              help="With --edge: sign the fine-tuned bundle with this Ed25519 private key (PEM); required when "
+                   "the bundle is signed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", default=0, show_default=True, help="Data-loading processes (centralized).")
 @click.option("--seed", default=0, show_default=True)
@@ -181,10 +184,13 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
           max_staleness: int, staleness_decay: float, convergence_tol: float, aggregation: str,
           trim_fraction: float, eval_every: int,
           site_val_fraction: float, server_test: Path | None, resume_dir: Path | None,
-          edge_bundle: Path | None, device: str, workers: int, seed: int, out: Path | None) -> None:
+          edge_bundle: Path | None, sign_key: Path | None, device: str, workers: int, seed: int,
+          out: Path | None) -> None:
     """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
     from fedlite.metrics import format_metrics
 
+    if sign_key is not None and edge_bundle is None:
+        raise InputError("--sign signs the bundle of an edge run", hint="add --edge BUNDLE, or drop --sign")
     if resume_dir is None and data_dir is None:
         raise click.UsageError("give --data (or --resume RUN_DIR)")
     if edge_bundle is not None and (centralized or resume_dir is not None):
@@ -223,7 +229,8 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
             dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
             compress=compress, topk_fraction=topk, seed=seed, device=device,
             image_weights=str(image_weights or ""), text_weights=str(text_weights or ""),
-            edge_bundle=str(edge_bundle.resolve()) if edge_bundle else "")
+            edge_bundle=str(edge_bundle.resolve()) if edge_bundle else "",
+            sign_key=str(sign_key.resolve()) if sign_key else "")
     if edge_bundle is not None:
         from fedlite.export.bundle import verify_bundle
 
@@ -382,6 +389,8 @@ def export() -> None:
               help="Share of held-out cases with the teacher's leukemia call.")
 @click.option("--min-auc", default=0.5, show_default=True,
               help="The bundle's AUC must be above this, whatever the teacher's (0.5: chance).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
+              help="Sign the bundle with this Ed25519 private key (PEM; `fedlite export keygen` makes a pair).")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="Where distillation runs.")
 @click.option("--seed", default=0, show_default=True)
@@ -395,7 +404,7 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
                  eval_data: Path | None, sites_split: Path | None, site_val_fraction: float,
                  max_accuracy_drop: float, max_auc_drop: float,
                  max_stage_f1_drop: float, min_agreement: float, min_leukemia_agreement: float,
-                 min_auc: float, batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
+                 min_auc: float, sign_key: Path | None, batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
     """Turn the teacher CHECKPOINT into a verified bundle for CPU servers.
 
     The data is chosen explicitly: --sites SPLIT (every step at the sites, on their own cases), --data DIR
@@ -422,7 +431,7 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
         gate=Gate(max_accuracy_drop=max_accuracy_drop, max_auc_drop=max_auc_drop,
                   max_stage_f1_drop=max_stage_f1_drop, min_case_agreement=min_agreement,
                   min_leukemia_agreement=min_leukemia_agreement, min_auc=min_auc),
-        batch_size=batch_size, device=device, seed=seed, progress=not as_json)
+        batch_size=batch_size, device=device, seed=seed, progress=not as_json, signing_key=sign_key)
     out = out or checkpoint.parent / "bundle"
     if keep_fp32:
         options = dataclasses.replace(options, fp32_copy=out.with_name(out.name + "-fp32"))
@@ -459,13 +468,31 @@ def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | 
 
 @export.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-def export_verify(bundle: Path) -> None:
-    """Re-check every file of BUNDLE against the SHA-256 recorded at export; exit 2 if any differs."""
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Also require the signature of this Ed25519 public key's holder (PEM).")
+def export_verify(bundle: Path, public_key: Path | None) -> None:
+    """Re-check every file of BUNDLE against the SHA-256 recorded at export (and, with --public-key,
+    the signature over them); exit 2 if anything differs."""
     from fedlite.export.bundle import verify_bundle
 
-    meta = verify_bundle(bundle)
-    click.echo(f"{bundle}: {len(meta['files'])} files match their SHA-256 (bundle version {meta['bundle_version']}, "
-               f"preset {meta['preset']})")
+    meta = verify_bundle(bundle, public_key)
+    signed = ", signed by the key's holder" if public_key is not None else ""
+    click.echo(f"{bundle}: {len(meta['files'])} files match their SHA-256{signed} (bundle version "
+               f"{meta['bundle_version']}, preset {meta['preset']})")
+
+
+@export.command("keygen")
+@click.argument("private_key", type=click.Path(path_type=Path))
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Where the public key goes (default: PRIVATE_KEY with .pub).")
+def export_keygen(private_key: Path, public_key: Path | None) -> None:
+    """Make an Ed25519 key pair for signing bundles: the private key (owner-only) stays with whoever
+    exports; the public key goes to every agent (`bundle_public_key` in agent.toml)."""
+    from fedlite.export.signing import generate_key_pair
+
+    public_key = public_key or private_key.with_suffix(".pub")
+    generate_key_pair(private_key, public_key)
+    click.echo(f"private key: {private_key} (keep it secret)\npublic key: {public_key}")
 
 
 @main.command()
@@ -478,9 +505,11 @@ def export_verify(bundle: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: DATA/predictions.jsonl.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: up to 4).")
 @click.option("--batch-size", default=16, show_default=True)
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Refuse the bundle unless it is signed by this Ed25519 public key's holder (PEM).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path | None, data_dir: Path | None,
-            out: Path | None, threads: int, batch_size: int, as_json: bool) -> None:
+            out: Path | None, threads: int, batch_size: int, public_key: Path | None, as_json: bool) -> None:
     """Leukemia and stage for one case (--image with --text or --text-file) or a dataset (--data)."""
     from fedlite.agents.predict import format_case, predict_case, predict_manifest, read_note_file
     from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
@@ -491,7 +520,7 @@ def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path 
         raise InputError("give one case (--image and --text/--text-file) or a dataset (--data)")
     if single and (image is None or (text is None) == (text_file is None)):
         raise InputError("one case needs --image and exactly one of --text, --text-file")
-    runtime = BundleRuntime(bundle, RuntimeSettings(threads=threads))
+    runtime = BundleRuntime(bundle, RuntimeSettings(threads=threads), public_key=public_key)
     if single:
         note = text if text is not None else read_note_file(text_file)
         result = predict_case(runtime, image, note)
@@ -524,10 +553,13 @@ def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path 
 @click.option("--modality-weight", default=0.5, show_default=True, help="λ of the joint profile (eq. 23).")
 @click.option("--batch-size", default=16, show_default=True, help="Masked inputs per encoder call.")
 @click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: up to 4).")
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Refuse the bundle unless it is signed by this Ed25519 public key's holder (PEM).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def explain(bundle: Path, image: Path | None, text: str | None, text_file: Path | None, case_id: str | None,
             data_dir: Path | None, case_ids: tuple[str, ...], limit: int, report_dir: Path, max_evals: int,
-            baseline: str, modality_weight: float, batch_size: int, threads: int, as_json: bool) -> None:
+            baseline: str, modality_weight: float, batch_size: int, threads: int, public_key: Path | None,
+            as_json: bool) -> None:
     """SHAP explanations computed on this machine: image patches and note words, for P(leukemia) and
     the predicted stage; reports stay in --report-dir."""
     from fedlite.agents.explain import ExplainSettings, explain_case
@@ -542,7 +574,7 @@ def explain(bundle: Path, image: Path | None, text: str | None, text_file: Path 
         raise InputError("one case needs --image and exactly one of --text, --text-file")
     settings = ExplainSettings(max_evals=max_evals, baseline=baseline, batch_size=batch_size,
                                modality_weight=modality_weight)
-    runtime = BundleRuntime(bundle, RuntimeSettings(threads=threads))
+    runtime = BundleRuntime(bundle, RuntimeSettings(threads=threads), public_key=public_key)
     if single:
         from fedlite.agents.predict import check_note
 

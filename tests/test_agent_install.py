@@ -19,7 +19,8 @@ from fedlite.agents.supernode import EXIT_CONFIG
 from fedlite.cli import main
 from fedlite.errors import InputError
 
-NODE_CONFIG_KEYS = {"data-dir", "bundle", "cache-dir", "report-dir", "threads", "require-dp", "min-report-cases"}
+NODE_CONFIG_KEYS = {"data-dir", "bundle", "cache-dir", "report-dir", "threads", "require-dp", "min-report-cases",
+                    "bundle-public-key"}
 
 
 def make_config(root: Path, **resources) -> AgentConfig:

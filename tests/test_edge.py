@@ -1,6 +1,7 @@
 """Edge fine-tuning of a bundle's head: cached embeddings, what a site sends, the new bundle."""
 
 import json
+import shutil
 import os
 import stat
 
@@ -167,3 +168,28 @@ def test_edge_training_refuses_a_tampered_bundle(teacher_bundle, teacher_run, tm
                                        "--out", str(tmp_path / "edge")])
     assert result.exit_code == 2 and "head.onnx" in result.output and "SHA-256" in result.output
     assert not (tmp_path / "edge").exists()
+
+
+def test_edge_fine_tuning_of_a_signed_bundle_signs_the_new_one_and_refuses_to_leave_it_unsigned(
+        teacher_bundle, teacher_run, tmp_path):
+    from click.testing import CliRunner
+
+    from fedlite.cli import main
+    from fedlite.export.bundle import seal_bundle
+    from fedlite.export.signing import generate_key_pair, load_private_key
+
+    _, split = teacher_run
+    generate_key_pair(tmp_path / "k.pem", tmp_path / "k.pub")
+    signed = tmp_path / "signed"
+    shutil.copytree(teacher_bundle, signed)
+    meta = json.loads((signed / "bundle.json").read_text())
+    seal_bundle(signed, {k: v for k, v in meta.items() if k not in ("files", "content_sha256")},
+                signing_key=load_private_key(tmp_path / "k.pem"))
+    base = ["train", "--edge", str(signed), "--data", str(split), "--rounds", "1", "--epochs", "1",
+            "--batch-size", "16"]
+    refused = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "a")])
+    assert refused.exit_code != 0 and "sign the fine-tuned bundle too" in refused.output
+    assert not (tmp_path / "a" / "bundle").exists()
+    result = CliRunner().invoke(main, [*base, "--sign", str(tmp_path / "k.pem"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert verify_bundle(tmp_path / "b" / "bundle", tmp_path / "k.pub")["bundle_version"] == meta["bundle_version"] + 1

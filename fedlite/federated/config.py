@@ -66,6 +66,7 @@ class FederatedConfig:
     topk_fraction: float = 0.1
     # edge fine-tuning: train only the head of this bundle on the sites' cached embeddings
     edge_bundle: str = ""
+    sign_key: str = ""  # the coordinator's Ed25519 private key: the fine-tuned bundle is signed with it
     # misc
     seed: int = 0
     device: str = "auto"
@@ -110,7 +111,7 @@ class FederatedConfig:
 
     def site_settings(self) -> dict:
         """The settings sites need; the coordinator's own paths stay with it."""
-        return {k: v for k, v in self.to_flat().items() if k not in ("split-dir", "out", "server-test")}
+        return {k: v for k, v in self.to_flat().items() if k not in ("split-dir", "out", "server-test", "sign-key")}
 
     def write_run_config(self, run_dir: Path) -> None:
         atomic_write_text(Path(run_dir) / RUN_CONFIG, json.dumps(self.to_flat(), indent=2) + "\n")

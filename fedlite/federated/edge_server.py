@@ -20,7 +20,9 @@ from flwr.serverapp import Grid
 
 from fedlite.atomic import atomic_write_text, json_text
 from fedlite.export.bundle import encoder_fingerprint, verify_bundle
+from fedlite.errors import InputError
 from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
+from fedlite.export.signing import SIGNATURE, load_private_key
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, run_rounds, summed_bytes
 from fedlite.federated.params import to_record
@@ -76,6 +78,10 @@ class EdgeJob(UpdateJob):
 def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> dict:
     bundle = Path(cfg.edge_bundle)
     meta = verify_bundle(bundle)
+    signing_key = load_private_key(cfg.sign_key) if cfg.sign_key else None
+    if signing_key is None and (bundle / SIGNATURE).exists():
+        raise InputError("the bundle is signed and its agents may pin the key: sign the fine-tuned bundle too",
+                         path=bundle, hint="give the consortium's private key (--sign KEY, run config sign-key)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ROUNDS).write_text("")
@@ -91,7 +97,8 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> 
               "validation_cases": after.cases, "validation_before": headline(before),
               "validation_after": headline(after),
               "dp": cfg.dp, "compress": cfg.compress, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    new_meta = write_bundle_with_head(bundle, out / "bundle", job.weights, update, force=True)
+    new_meta = write_bundle_with_head(bundle, out / "bundle", job.weights, update, force=True,
+                                      signing_key=signing_key)
     sent, received = summed_bytes(history)
     summary = {"bundle": str(out / "bundle"), "bundle_version": new_meta["bundle_version"],
                "before": headline(before), "after": headline(after), "validation_cases": after.cases,

@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
+from fedlite.atomic import json_text
 from fedlite.federated.aggregate import Rejection, SiteUpdate, aggregate, update_norm
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import to_record
