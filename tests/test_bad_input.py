@@ -165,3 +165,45 @@ def test_cli_shows_input_errors_without_traceback(tmp_path):
     assert result.exit_code == 2
     assert "checkpoint directory not found" in result.output
     assert "Traceback" not in result.output
+
+
+def _png_claiming(path, width: int, height: int) -> None:
+    """A small PNG whose header claims ``width`` x ``height``: what a decompression bomb looks like
+    before anything is decoded."""
+    import struct
+    import zlib
+
+    Image.new("RGB", (32, 32)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr: ihdr + 17])))
+    path.write_bytes(bytes(data))
+
+
+def test_an_image_too_large_to_decode_is_refused_from_its_header(tmp_path):
+    _png_claiming(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(InputError, match="20000x20000 pixels .400 MP., over the 67 MP"):
+        load_image(tmp_path / "bomb.png")
+    _png_claiming(tmp_path / "large.png", 11000, 11000)  # under PIL's own limit, still over ours
+    with pytest.raises(InputError, match="over the 67 MP"):
+        load_image(tmp_path / "large.png")
+
+
+def test_an_image_path_leaving_the_dataset_is_refused_unless_dataset_json_declares_its_directory(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (64, 64)).save(outside / "smear.png")
+    data = tmp_path / "data"
+    data.mkdir()
+    record = {"id": "c1", "image": "../elsewhere/smear.png", "text": "a note", "leukemia": 0, "stage": None}
+    (data / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(InputError, match="leaves the dataset directory"):
+        read_dataset(data)
+    for image in ("../../../../etc/passwd", "/etc/passwd"):
+        (data / "manifest.jsonl").write_text(json.dumps({**record, "image": image}) + "\n")
+        with pytest.raises(InputError, match="leaves the dataset directory"):
+            read_dataset(data)
+    (data / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    (data / "dataset.json").write_text(json.dumps({"image_dirs": ["../elsewhere"]}))
+    assert read_dataset(data).image_path(read_dataset(data).cases[0]) == (outside / "smear.png").resolve()

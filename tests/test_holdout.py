@@ -51,6 +51,6 @@ def test_a_sites_own_val_directory_is_used_and_must_not_overlap(synth_split, tmp
     parts = site_parts(root)
     assert parts.source == "val/" and [c.id for c in parts.val.cases] == [c.id for c in site.cases[:3]]
     assert len(parts.train) == len(site) - 3
-    write_dataset(root / "val", DatasetInfo(stage_names=("A", "B", "C", "D")), site.cases[:3])
+    write_dataset(root / "val", DatasetInfo(stage_names=("A", "B", "C", "D"), extra=site.info.extra), site.cases[:3])
     with pytest.raises(InputError, match="stages"):
         site_parts(root)

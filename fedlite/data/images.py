@@ -18,6 +18,10 @@ IMAGE_SIZE = 224
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 MIN_SIDE = 16
+# The largest image decoded (8192 x 8192): checked from the header before decoding, so a
+# decompression bomb costs nothing; PIL's own warning and error above its limit are ours instead.
+MAX_PIXELS = 8192 * 8192
+Image.MAX_IMAGE_PIXELS = None
 
 
 
@@ -49,6 +53,11 @@ def load_image(path: str | Path) -> np.ndarray:
         raise InputError("image file not found", path=path)
     try:
         with Image.open(path) as img:
+            width, height = img.size  # read from the header: nothing is decoded yet
+            if width * height > MAX_PIXELS:
+                raise InputError(f"image is {width}x{height} pixels ({width * height / 1e6:.0f} MP), over the "
+                                 f"{MAX_PIXELS / 1e6:.0f} MP fedlite decodes", path=path,
+                                 hint="downscale the scan (smears are read at a few hundred pixels a side)")
             img.load()
             rgb = _to_rgb(img, path)
             array = np.asarray(rgb, dtype=np.uint8)

@@ -56,6 +56,13 @@ class DatasetInfo:
     def num_stages(self) -> int:
         return len(self.stage_names)
 
+    @property
+    def image_dirs(self) -> list[str]:
+        """Directories outside the dataset's own that its manifest may name images in, as dataset.json
+        declares them (relative to the dataset directory, or absolute): a split's sites name the
+        images of the dataset they were split from. Any other path leaving the directory is refused."""
+        return list(self.extra.get("image_dirs", []))
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "label_names": list(self.label_names),
                 "stage_names": list(self.stage_names), **self.extra}
@@ -70,7 +77,7 @@ class Dataset:
     cases: list[Case]
 
     def image_path(self, case: Case) -> Path:
-        return (self.root / case.image).resolve() if not os.path.isabs(case.image) else Path(case.image)
+        return (self.root / case.image).resolve() if not os.path.isabs(case.image) else Path(case.image).resolve()
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -89,7 +96,27 @@ def read_info(root: Path) -> DatasetInfo:
             or not all(isinstance(s, str) and s for s in stage_names)):
         raise InputError("must be a non-empty list of names", path=path, field="stage_names")
     extra = {k: v for k, v in raw.items() if k not in ("format", "label_names", "stage_names")}
+    dirs = extra.get("image_dirs", [])
+    if not isinstance(dirs, list) or not all(isinstance(d, str) and d.strip() for d in dirs):
+        raise InputError("must be a list of directory paths", path=path, field="image_dirs")
     return DatasetInfo(stage_names=tuple(stage_names), extra=extra)
+
+
+def image_roots(root: Path, info: DatasetInfo) -> list[Path]:
+    """Where a dataset's images may be: its own directory and the ones dataset.json declares."""
+    return [root.resolve(), *((root / d).resolve() for d in info.image_dirs)]
+
+
+def _confinement_problems(dataset: "Dataset", manifest: Path) -> list[Problem]:
+    roots = image_roots(dataset.root, dataset.info)
+    problems = []
+    for case in dataset.cases:
+        path = dataset.image_path(case)
+        if not any(path.is_relative_to(r) for r in roots):
+            problems.append(Problem(f"image path {case.image!r} leaves the dataset directory", manifest,
+                                    field="image", hint="keep images inside the dataset directory, or declare "
+                                    "their directory in dataset.json's \"image_dirs\""))
+    return problems
 
 
 def _validate_record(raw: object, num_stages: int) -> tuple[Case | None, list[tuple[str | None, str, str | None]]]:
@@ -184,7 +211,11 @@ def read_dataset(root: str | Path) -> Dataset:
         raise InputError(problems)
     if not cases:
         raise InputError("the manifest holds no cases", path=manifest)
-    return Dataset(root=root, info=info, cases=cases)
+    dataset = Dataset(root=root, info=info, cases=cases)
+    problems = _confinement_problems(dataset, manifest)
+    if problems:
+        raise InputError(problems)
+    return dataset
 
 
 def write_dataset(root: str | Path, info: DatasetInfo, cases: list[Case]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlite.atomic import staged_dir
-from fedlite.data.manifest import Case, DatasetInfo, read_dataset, write_dataset
+from fedlite.data.manifest import Case, DatasetInfo, image_roots, read_dataset, write_dataset
 from fedlite.errors import InputError
 
 SPLIT_FILE = "split.json"
@@ -260,7 +260,10 @@ def _write_split(source: Path, info: DatasetInfo, splits: dict[str, list[Case]],
     source_root, final_root = source.resolve(), out_dir.resolve()
     with staged_dir(final_root, force=True, what="split") as staging:
         for name, cases in splits.items():
-            write_dataset(staging / name, info,
+            # the sites name the source's images (and those the source itself may name), not copies
+            dirs = [_relative_path(d, final_root / name) for d in image_roots(source_root, info)]
+            site_info = replace(info, extra={**info.extra, "image_dirs": dirs})
+            write_dataset(staging / name, site_info,
                           [_relative_image(c, source_root, final_root / name) for c in cases])
         record = {
             "format": SPLIT_FORMAT,
