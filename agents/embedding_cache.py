@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedlite.agents.runtime import BundleRuntime
-from fedlite.atomic import atomic_write_bytes
+from fedlite.atomic import atomic_write_bytes, owner_only_dir
 from fedlite.data.manifest import MANIFEST, Dataset
 from fedlite.errors import InputError
 from fedlite.export.bundle import encoder_fingerprint
@@ -97,7 +97,7 @@ def site_embeddings(runtime: BundleRuntime, dataset: Dataset, cache_dir: str | P
     start = time.perf_counter()
     image, text = embed_dataset(runtime, dataset, batch_size, progress)
     seconds = time.perf_counter() - start
-    Path(cache_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    owner_only_dir(cache_dir)
     buffer = io.BytesIO()
     np.savez(buffer, image=image, text=text)
     atomic_write_bytes(path, buffer.getvalue(), mode=0o600)

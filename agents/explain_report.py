@@ -9,6 +9,7 @@ renamed into place: a crash never leaves a mix of an old and a new explanation.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import re
@@ -17,16 +18,20 @@ from pathlib import Path
 import numpy as np
 
 from fedlite.agents.explain import CaseExplanation
-from fedlite.atomic import atomic_write_bytes, atomic_write_text, staged_dir
+from fedlite.atomic import atomic_write_bytes, atomic_write_text, owner_only_dir, staged_dir
 
 OWNER_ONLY = 0o600
 PNG, HTML, JSON = "explanation.png", "explanation.html", "explanation.json"
 
 
 def safe_case_name(case_id: str) -> str:
-    """A directory name from a case id: what is not a letter, digit, '-', '_' or '.' becomes '_'."""
+    """A directory name from a case id: what is not a letter, digit, '-', '_' or '.' becomes '_';
+    an id that had to change also gets a short hash of itself, so two ids never share a folder
+    ('a/b' and 'a_b')."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", case_id).strip(".")
-    return name or "case"
+    if name == case_id:
+        return name
+    return f"{name or 'case'}-{hashlib.sha256(case_id.encode('utf-8')).hexdigest()[:10]}"
 
 
 def explanation_record(expl: CaseExplanation, case_id: str, bundle_meta: dict, note: str) -> dict:
@@ -141,7 +146,7 @@ def write_explanation(expl: CaseExplanation, case_id: str, note: str, smear_rgb:
                       report_dir: str | Path) -> dict[str, Path]:
     """Write PNG, HTML and JSON into ``report_dir/<case>/``, owner-only; returns their paths."""
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    owner_only_dir(report_dir)
     final = report_dir / safe_case_name(case_id)
     record = explanation_record(expl, case_id, bundle_meta, note)
     png = render_png(expl, smear_rgb)

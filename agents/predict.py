@@ -72,7 +72,7 @@ def predict_manifest(runtime: BundleRuntime, data: Path, out: Path, batch_size: 
     dataset = read_dataset(data)
     pred = runtime.predict_dataset(dataset, batch_size=batch_size, progress=progress)
     lines = [json.dumps({"id": case.id, **case_result(runtime, pred, i)}) for i, case in enumerate(dataset.cases)]
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines) + "\n", mode=0o600)  # per-case calls stay with their owner
     labels = np.array([c.leukemia for c in dataset.cases])
     stages = np.array([-1 if c.stage is None else c.stage for c in dataset.cases])
     metrics = evaluate_predictions(labels, stages, pred.leukemia_prob, pred.stage_prob)

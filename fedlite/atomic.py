@@ -33,6 +33,15 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         raise
 
 
+def owner_only_dir(path: str | Path) -> Path:
+    """A directory for patient-derived files (caches, reports): created if needed, and 0700 even if
+    it existed or the umask is lax."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -56,19 +65,40 @@ def staged_dir(final: str | Path, force: bool = True, what: str = "output") -> I
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ready = tmp.with_name(tmp.name[: -len(".tmp")] + ".ready")
+    os.replace(tmp, ready)  # complete: from here on a crash is recoverable (recover_staged)
     if not final.exists():
-        os.replace(tmp, final)
+        os.replace(ready, final)
         return
     old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
     os.replace(final, old / final.name)
     try:
-        os.replace(tmp, final)
+        os.replace(ready, final)
     except BaseException:
         os.replace(old / final.name, final)
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(ready, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_staged(final: str | Path) -> bool:
+    """Finish a replacement of ``final`` that a crash interrupted between its two renames: the new
+    complete directory is put in place, else the old one is restored. True if one was."""
+    final = Path(final)
+    if final.exists() or not final.parent.is_dir():
+        return False
+    ready = sorted(final.parent.glob(f".{final.name}.*.ready"), key=lambda p: p.stat().st_mtime)
+    olds = [p / final.name for p in final.parent.glob(f".{final.name}.*.old") if (p / final.name).is_dir()]
+    if ready:
+        os.replace(ready[-1], final)
+    elif olds:
+        os.replace(olds[0], final)
+    else:
+        return False
+    for leftover in [*ready[:-1], *(p.parent for p in olds)]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return True
 
 
 def json_text(value, indent: int | None = None) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlite.atomic import atomic_write_text, json_text
+from fedlite.atomic import atomic_write_text, json_text, recover_staged
 from fedlite.checkpoint import load_checkpoint, save_checkpoint
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import LABEL_NAMES, read_dataset
@@ -131,16 +131,32 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
 
 def _resume_state(out: Path, model) -> tuple[dict, list[dict]]:
     """Continue from the last checkpoint: its round is the last one completed, whatever else the
-    killed process managed to write after it."""
+    killed process managed to write after it. A checkpoint caught mid-replace is recovered; a torn
+    or missing round record loses those rows only (logged), never the run."""
+    for name in ("last", "best"):
+        if recover_staged(out / name):
+            log.warning("recovered %s, whose replacement a crash interrupted", out / name)
     if not (out / "last").is_dir():
         raise InputError("nothing to resume: the run has no completed round", path=out)
     last = load_checkpoint(out / "last")
     model.load_state_dict(last.model.state_dict())
     completed = int(last.meta["training"]["round"])
-    rows = [json.loads(line) for line in (out / ROUNDS).read_text().splitlines() if line.strip()]
+    rows = []
+    lines = (out / ROUNDS).read_text(encoding="utf-8", errors="replace").splitlines() if (out / ROUNDS).exists() else []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            log.warning("%s line %d is torn (the server died writing it); dropped", out / ROUNDS, number)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("round"), int):
+            rows.append(row)
+    if not lines:
+        log.warning("%s is missing or empty: the resumed run's record starts after round %d", out / ROUNDS, completed)
     history = [row for row in rows if row["round"] <= completed]
     atomic_write_text(out / ROUNDS, "".join(json_text(row) + "\n" for row in history))
-    scored = [(row["eval"]["stage_macro_f1"], row["round"]) for row in history if row.get("eval")]
+    scored = [(row["eval"]["stage_macro_f1"], row["round"]) for row in history
+              if isinstance(row.get("eval"), dict) and row["eval"].get("stage_macro_f1") is not None]
     best_score, best_round = max(scored) if scored else (-1.0, 0)
     return {"round": completed, "best_round": best_round, "best_score": best_score}, history
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlite.atomic import staged_dir
+from fedlite.atomic import owner_only_dir, staged_dir
 from fedlite.errors import InputError
 
 MAX_FILES = 64
@@ -71,7 +71,7 @@ def cached_shipment(cache_dir: str | Path, kind: str, digest: str,
     if _digest({n: hashlib.sha256(a.tobytes()).hexdigest() for n, a in arrays.items()}) != digest:
         raise InputError(f"the shipped {kind} does not match its digest {digest[:12]}",
                          hint="it was changed in transit; the coordinator must send it again")
-    Path(cache_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    owner_only_dir(cache_dir)
     with staged_dir(target, force=True, what=kind) as staged:
         for name, value in arrays.items():
             (staged / name).write_bytes(value.tobytes())
