@@ -88,9 +88,17 @@ def check_user(user: str) -> str:
     return user
 
 
-def unit_word(text: str) -> str:
-    """One word of a unit file line: '%' doubled (systemd specifiers), quoted when it holds blanks."""
-    text = str(text).replace("%", "%%")
+def unit_word(text: str, command: bool = False) -> str:
+    """One word of a unit file line: '%' doubled (systemd specifiers), '$' doubled in a command line
+    (``command``: systemd expands variables there), quoted when it holds blanks. A control character
+    (a newline would start a new directive) is refused."""
+    text = str(text)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise InputError(f"{text!r} holds a control character and cannot go into a systemd unit",
+                         hint="rename the path")
+    text = text.replace("%", "%%")
+    if command:
+        text = text.replace("$", "$$")
     if re.search(r"[\s\"'\\;]", text) or not text:
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
@@ -107,7 +115,7 @@ def render_unit(config: AgentConfig, *, config_path: Path, executable: Path, use
     used = [*read_write, *read_only, config_path, executable,
             *(p for p in (config.superlink.root_certificate, config.node.private_key) if p is not None)]
     in_home = [p for p in used if _under(p, HOME_TREES)]
-    exec_start = " ".join(unit_word(w) for w in (executable, "agent", "run", "--config", config_path))
+    exec_start = " ".join(unit_word(w, command=True) for w in (executable, "agent", "run", "--config", config_path))
     lines = [
         "# fedlite hospital agent: a Flower SuperNode that keeps this site's cases on this server and",
         f"# connects out to the SuperLink {config.superlink.address}.",

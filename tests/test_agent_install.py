@@ -251,3 +251,13 @@ def test_invalid_toml_names_the_line(tmp_path):
     with pytest.raises(InputError) as err:
         read_agent_config(path)
     assert err.value.problems[0].line == 3 and str(err.value).startswith(f"{path}:3: not valid TOML")
+
+
+def test_the_unit_refuses_control_characters_and_escapes_dollars(tmp_path):
+    config = make_config(tmp_path)
+    unit = render_unit(config, config_path=tmp_path / "conf$HOME" / "agent.toml", executable=Path("/usr/bin/fedlite"))
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert "conf$$HOME" in exec_start
+    with pytest.raises(InputError, match="control character"):
+        render_unit(config, config_path=tmp_path / "x\nExecStartPre=/bin/evil" / "agent.toml",
+                    executable=Path("/usr/bin/fedlite"))
