@@ -62,8 +62,9 @@ def summarize(rounds: list[dict], flops_per_sample: float, sites: int, paper_rou
 @click.option("--local-epochs", default=3, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench-federated"), show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing run directory.")
 def main(split_dir: Path, preset: str, rounds: int, freeze_rounds: int, local_epochs: int, batch_size: int,
-         out: Path) -> None:
+         out: Path, force: bool) -> None:
     from fedlite.data.manifest import read_dataset
     from fedlite.data.split import load_split
     from fedlite.federated.simulation import run_federated_simulation
@@ -73,7 +74,7 @@ def main(split_dir: Path, preset: str, rounds: int, freeze_rounds: int, local_ep
     cfg = FederatedConfig(split_dir=str(split_dir), out=str(out), preset=preset, rounds=rounds,
                           freeze_rounds=freeze_rounds, local_epochs=local_epochs, batch_size=batch_size,
                           eval_every=rounds)
-    run_federated_simulation(cfg)
+    run_federated_simulation(cfg, force=force)
     history = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     notes = [c.text for c in read_dataset(Path(split_dir) / split.sites[0]).cases]
     tokens = sum(len(ids) for ids in encode_notes(builtin_tokenizer(), notes, 512).ids) / len(notes)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedlite import __version__
-from fedlite.atomic import staged_dir
+from fedlite.atomic import require_free, staged_dir
 from fedlite.centralized import resolve_data, seed_everything
 from fedlite.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_meta
 from fedlite.data.loader import CaseDataset, make_loader
@@ -184,8 +184,8 @@ def initial_student(teacher: FedMMX, options: ExportOptions) -> tuple[FedMMX, di
 def check_output_free(out: Path, options: ExportOptions, force: bool) -> None:
     """Refuse to replace an existing bundle unless asked, before any work is done."""
     for target in (out, options.fp32_copy):
-        if target is not None and target.exists() and not force and (not target.is_dir() or any(target.iterdir())):
-            raise InputError("bundle already exists", path=target, hint="choose another --out or pass --force")
+        if target is not None:
+            require_free(target, force, "bundle")
 
 
 def encoder_feeds(ckpt: Checkpoint, data: Dataset, cases: int, batch: int = 8) -> tuple[dict, int]:

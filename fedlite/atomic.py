@@ -33,6 +33,14 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         raise
 
 
+def require_free(path: str | Path, force: bool, what: str, option: str = "--out") -> None:
+    """Refuse to write over an existing, non-empty output unless asked: checked before any work, so
+    a refused run costs nothing and an existing one loses nothing."""
+    path = Path(path)
+    if path.exists() and not force and (not path.is_dir() or any(path.iterdir())):
+        raise InputError(f"{what} already exists", path=path, hint=f"choose another {option} or pass --force")
+
+
 def owner_only_dir(path: str | Path) -> Path:
     """A directory for patient-derived files (caches, reports): created if needed, and 0700 even if
     it existed or the umask is lax."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedlite.atomic import atomic_write_text, json_text
+from fedlite.atomic import atomic_write_text, json_text, require_free
 from fedlite.checkpoint import save_checkpoint
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import Dataset, read_dataset
@@ -60,16 +60,31 @@ def _check_compatible(train: Dataset, evaluation: Dataset | None) -> None:
                          path=evaluation.root / "dataset.json")
 
 
+def check_images(directory: Path) -> None:
+    """Every image of a dataset decoded once, so a bad one stops the run before its first epoch."""
+    from fedlite.data.check import check_dataset
+
+    report = check_dataset(directory, decode_images=True)
+    if not report.ok:
+        raise InputError(report.problems)
+
+
 def train_centralized(data: str | Path, out: str | Path, preset: str = "small", modality: str = "both",
                       fusion: str = "concat", train_config: TrainConfig = TrainConfig(),
                       eval_data: str | Path | None = None, image_weights: str | Path | None = None,
                       text_weights: str | Path | None = None, device: str = "auto", seed: int = 0,
-                      num_workers: int = 0, progress: bool = True) -> RunResult:
+                      num_workers: int = 0, progress: bool = True, force: bool = False) -> RunResult:
+    """Train on pooled cases. Everything is checked before anything is written: the run directory
+    (an existing run is replaced only with ``force``) and every case, image decoding included."""
+    require_free(out, force, "run directory")
     seed_everything(seed)
     train_dir, eval_dir = resolve_data(data, eval_data)
     train_set = read_dataset(train_dir)
     eval_set = read_dataset(eval_dir) if eval_dir is not None else None
     _check_compatible(train_set, eval_set)
+    for directory in (train_dir, eval_dir):
+        if directory is not None:
+            check_images(directory)
     tokenizer = load_tokenizer(text_weights) if text_weights else builtin_tokenizer()
 
     config = get_preset(preset, fusion=fusion, modality=modality, num_stages=train_set.info.num_stages)

@@ -175,6 +175,7 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: runs/centralized or runs/federated).")
+@click.option("--force", is_flag=True, help="Replace an existing run directory.")
 def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, preset: str, modality: str,
           fusion: str, epochs: int, batch_size: int, lr: float, optimizer: str, gamma: float,
           warmup: float, clip_grad_norm: float, pretrained_lr_scale: float, image_weights: Path | None,
@@ -185,7 +186,7 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
           trim_fraction: float, eval_every: int,
           site_val_fraction: float, server_test: Path | None, resume_dir: Path | None,
           edge_bundle: Path | None, sign_key: Path | None, device: str, workers: int, seed: int,
-          out: Path | None) -> None:
+          out: Path | None, force: bool) -> None:
     """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
     from fedlite.metrics import format_metrics
 
@@ -205,7 +206,7 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
         result = train_centralized(data_dir, out or Path("runs/centralized"), preset=preset, modality=modality,
                                    fusion=fusion, train_config=config, eval_data=eval_data,
                                    image_weights=image_weights, text_weights=text_weights, device=device,
-                                   seed=seed, num_workers=workers)
+                                   seed=seed, num_workers=workers, force=force)
         if result.best_metrics:
             stage_names = json.loads((result.best_checkpoint / "config.json").read_text())["stage_names"]
             click.echo(format_metrics(result.best_metrics, stage_names))
@@ -235,10 +236,10 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
         from fedlite.export.bundle import verify_bundle
 
         verify_bundle(edge_bundle)  # a bad bundle is refused here, not inside the simulation
-        summary = run_federated_simulation(cfg)
+        summary = run_federated_simulation(cfg, force=force)
         click.echo(format_edge_summary(summary))
         return
-    summary = run_federated_simulation(cfg, resume=resume_dir is not None)
+    summary = run_federated_simulation(cfg, resume=resume_dir is not None, force=force)
     if summary.get("best"):
         stage_names = json.loads((Path(cfg.out) / "best" / "config.json").read_text())["stage_names"]
         cases = summary["eval_cases"]

@@ -72,13 +72,13 @@ def run_quickstart(out: str | Path, cases: int = 1600, rounds: int = 8, local_ep
     cfg = FederatedConfig(split_dir=str(split.out_dir), out=str(out / "federated"), preset=preset, rounds=rounds,
                           freeze_rounds=min(1, rounds - 1), local_epochs=local_epochs, optimizer=OPTIMIZER,
                           lr=LR, seed=seed)
-    federated = run_federated_simulation(cfg)
+    federated = run_federated_simulation(cfg, force=True)  # the quickstart's own directory, rerun
     timings["federated"] = time.perf_counter() - start
 
     start = step(f"4/8 centralized baseline on the pooled sites, {epochs} epochs")
     run = train_centralized(split.out_dir, out / "centralized", preset=preset, seed=seed,
                             train_config=TrainConfig(epochs=epochs, lr=LR, optimizer=OPTIMIZER,
-                                                     warmup_fraction=0.05, clip_grad_norm=1.0))
+                                                     warmup_fraction=0.05, clip_grad_norm=1.0), force=True)
     timings["centralized"] = time.perf_counter() - start
 
     # The last checkpoints: both have then trained the same number of epochs.

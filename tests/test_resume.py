@@ -74,3 +74,29 @@ def test_resume_recovers_a_checkpoint_caught_mid_replace(run_dir):
     os.replace(out / "last", out / "elsewhere")
     with pytest.raises(InputError, match="nothing to resume"):
         _resume_state(out, model)
+
+
+def test_a_run_over_an_existing_one_is_refused_before_anything_is_written(tmp_path, synth_split):
+    from fedlite.centralized import train_centralized
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(InputError, match="run directory already exists"):
+        train_centralized(synth_split.out_dir, out, preset="tiny", progress=False)
+    assert (out / "history.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_a_bad_image_stops_a_run_before_its_first_epoch(tmp_path, synth_split):
+    import shutil
+
+    from fedlite.centralized import train_centralized
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_split.out_dir.parent, data)
+    split = data / synth_split.out_dir.name
+    test = json.loads((split / "test" / "manifest.jsonl").read_text().splitlines()[0])
+    (split / "test" / test["image"]).resolve().write_bytes(b"not an image")
+    with pytest.raises(InputError, match="cannot decode image"):
+        train_centralized(split, tmp_path / "run", preset="tiny", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedlite.atomic import atomic_write_text, json_text
+from fedlite.atomic import atomic_write_text, json_text, require_free
 from fedlite.export.bundle import encoder_fingerprint, verify_bundle
 from fedlite.errors import InputError
 from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
@@ -75,8 +75,9 @@ class EdgeJob(UpdateJob):
                                                 if received else None)})
 
 
-def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True) -> dict:
+def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True, force: bool = False) -> dict:
     bundle = Path(cfg.edge_bundle)
+    require_free(cfg.out, force, "run directory")
     meta = verify_bundle(bundle)
     signing_key = load_private_key(cfg.sign_key) if cfg.sign_key else None
     if signing_key is None and (bundle / SIGNATURE).exists():

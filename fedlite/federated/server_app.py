@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedlite.atomic import atomic_write_text, json_text, recover_staged
+from fedlite.atomic import atomic_write_text, json_text, recover_staged, require_free
 from fedlite.checkpoint import load_checkpoint, save_checkpoint
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import LABEL_NAMES, read_dataset
@@ -110,8 +110,13 @@ class TrainingJob(UpdateJob):
         atomic_write_text(out / STATE, json.dumps(state) + "\n")
 
 
-def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
+def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress: bool = True,
+               force: bool = False) -> dict:
+    """Run (or with ``resume`` continue) the training job; an existing run directory is replaced only
+    with ``force``."""
     out = Path(cfg.out)
+    if not resume:
+        require_free(out, force, "run directory")
     out.mkdir(parents=True, exist_ok=True)
     model = build_initial_model(cfg, len(cfg.stages))
     state = {"round": 0, "best_round": 0, "best_score": -1.0}

@@ -65,7 +65,8 @@ def simulate(split_dir: str | Path, job: Callable[[Grid], object], site_defaults
     return outcome["result"]
 
 
-def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progress: bool = True) -> dict:
+def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progress: bool = True,
+                             force: bool = False) -> dict:
     """Federated training, or edge fine-tuning of a bundle, over the sites of ``cfg.split_dir``."""
     from fedlite.federated.server_app import run_server
 
@@ -75,6 +76,7 @@ def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progres
 
         # simulated sites share the coordinator's bundle; each embeds its own cases into the run's cache
         edge = {"bundle": cfg.edge_bundle, "cache-dir": str(Path(cfg.out).resolve() / "cache")}
-        return simulate(cfg.split_dir, lambda grid: run_edge_server(grid, cfg, progress=progress), edge, cfg.device)
-    return simulate(cfg.split_dir, lambda grid: run_server(grid, cfg, resume=resume, progress=progress),
+        return simulate(cfg.split_dir, lambda grid: run_edge_server(grid, cfg, progress=progress, force=force), edge,
+                        cfg.device)
+    return simulate(cfg.split_dir, lambda grid: run_server(grid, cfg, resume=resume, progress=progress, force=force),
                     device=cfg.device)
