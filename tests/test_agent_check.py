@@ -37,9 +37,14 @@ needs_flower = pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
 def make_bundle(directory: Path) -> Path:
     """A sealed bundle: what verification reads (graph contents do not matter to the check)."""
     directory.mkdir(parents=True)
-    (directory / "head.onnx").write_bytes(bytes(range(256)) * 8)
+    graphs = {}
+    for name in ("image_encoder", "text_encoder", "head"):
+        (directory / f"{name}.onnx").write_bytes(bytes(range(256)) * 8)
+        graphs[name] = {"file": f"{name}.onnx"}
     (directory / "tokenizer.json").write_text('{"model": {}}')
-    seal_bundle(directory, {"bundle_version": 1, "preset": "tiny"})
+    seal_bundle(directory, {"bundle_version": 1, "preset": "tiny", "graphs": graphs, "tokenizer": "tokenizer.json",
+                            "preprocessing": {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3,
+                                              "max_length": 128}})
     return directory
 
 

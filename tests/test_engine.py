@@ -128,3 +128,14 @@ def test_a_step_that_would_overflow_the_model_is_not_applied():
     arrays = {"w": np.full(3, 3e38, np.float32)}
     assert non_finite_result(arrays, {"w": np.full(3, 1e38, np.float32)}) == "w would not be finite"
     assert non_finite_result(arrays, {"w": np.full(3, -1e38, np.float32)}) is None
+
+
+def test_a_late_update_of_fewer_tensors_counts_as_no_change_of_the_others():
+    from fedlite.federated.aggregate import SiteUpdate, aggregate
+
+    fresh = SiteUpdate("a", {"head": np.ones(2, np.float32), "encoder": np.ones(3, np.float32)}, 10)
+    late = SiteUpdate("b", {"head": np.full(2, 3.0, np.float32)}, 10, staleness=1)  # from a frozen round
+    for updates in ([fresh, late], [late, fresh]):
+        delta = aggregate(updates, staleness_decay=0.0)
+        assert delta["head"] == pytest.approx([2.0, 2.0]) and delta["encoder"] == pytest.approx([0.5] * 3)
+        assert aggregate(updates, "median")["encoder"] == pytest.approx([1.0] * 3)

@@ -113,24 +113,29 @@ def aggregation_weights(updates: list[SiteUpdate], staleness_decay: float, max_s
 
 def weighted_delta(updates: list[SiteUpdate], staleness_decay: float = 0.0,
                    max_share: float = 1.0) -> dict[str, np.ndarray]:
+    """Σ w_c Δ_c per tensor; a late update that did not train a tensor (computed while the encoders
+    were frozen) counts as a zero change of it."""
     weights = aggregation_weights(updates, staleness_decay, max_share)
-    names = updates[0].delta.keys()
-    return {name: sum(np.float32(w) * u.delta[name] for w, u in zip(weights, updates)).astype(np.float32)
-            for name in names}
+    return {name: sum(np.float32(w) * u.delta[name] for w, u in zip(weights, updates) if name in u.delta
+                      ).astype(np.float32)
+            for name in _names(updates)}
+
+
+def _names(updates: list[SiteUpdate]) -> list[str]:
+    return list(dict.fromkeys(name for u in updates for name in u.delta))
 
 
 def robust_delta(updates: list[SiteUpdate], method: str, trim_fraction: float = 0.1) -> dict[str, np.ndarray]:
     """Coordinate-wise median or trimmed mean of the updates: a few sites, whatever they send and
     whatever case counts they claim, cannot move a coordinate past the honest majority's values."""
     out = {}
-    for name in updates[0].delta:
-        stacked = np.stack([u.delta[name] for u in updates])
+    for name in _names(updates):
+        stacked = np.stack([u.delta[name] for u in updates if name in u.delta])
         if method == "median":
             out[name] = np.median(stacked, axis=0).astype(np.float32)
         else:
-            k = int(trim_fraction * len(updates))
-            ordered = np.sort(stacked, axis=0)
-            out[name] = ordered[k:len(updates) - k].mean(axis=0).astype(np.float32)
+            k = int(trim_fraction * len(stacked))
+            out[name] = np.sort(stacked, axis=0)[k:len(stacked) - k].mean(axis=0).astype(np.float32)
     return out
 
 
