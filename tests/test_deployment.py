@@ -352,7 +352,7 @@ def test_deployment_exports_a_bundle_at_the_sites(deploy, teacher_run, tmp_path)
                                           "export-recovery-epochs": 1, "export-prune": 0.5,
                                           "export-min-agreement": 0.0, "export-min-leukemia-agreement": 0.0,
                                           "export-max-accuracy-drop": 100.0, "export-max-auc-drop": 1.0,
-                                          "export-max-stage-f1-drop": 1.0})
+                                          "export-max-stage-f1-drop": 1.0, "export-min-auc": 0.0})
     meta = wait_for_summary(deployment, run_id, out, name="bundle.json")
     assert verify_bundle(out)["content_sha256"] == meta["content_sha256"]
     assert sorted(meta["data_sources"]["verification"]["sites"]) == sites
