@@ -37,17 +37,18 @@ def offline_messages(monkeypatch):
     monkeypatch.setattr("fedlite.federated.rounds.Message", Outgoing)
 
 
-class Sites:
-    """A Grid whose sites train instantly: Δ = (target − w) / 2, reported with their case counts."""
+class ReplyingGrid:
+    """A Grid whose sites answer every message at once with ``answer(node, msg)``; site ``forged``'s
+    answer goes through ``forge`` first."""
 
-    def __init__(self, poisoned: int | None = None, poison=lambda delta: np.full_like(delta, np.nan),
-                 forge=None):
-        """Site ``poisoned`` sends ``poison(honest update)``, or the reply ``forge(honest reply)``."""
-        self.poisoned, self.poison, self.forge = poisoned, poison, forge
-        self.replies, self.pushed, self.types = {}, 0, []
+    def __init__(self, forged: int | None = None, forge=None):
+        self.forged, self.forge, self.replies, self.pushed, self.types = forged, forge, {}, 0, []
 
     def get_node_ids(self):
         return list(TARGETS)
+
+    def answer(self, node: int, msg) -> RecordDict:
+        raise NotImplementedError
 
     def push_messages(self, messages):
         ids = []
@@ -55,17 +56,8 @@ class Sites:
             self.pushed += 1
             node, message_id = msg.metadata.dst_node_id, f"m{self.pushed}"
             self.types.append(msg.metadata.message_type)
-            site, cases, target = TARGETS[node]
-            w = from_record(msg.content["arrays"])["w"]
-            honest = ((target - w) / 2).astype(np.float32)
-            poisoned = node == self.poisoned and self.forge is None
-            sent = self.poison(honest) if poisoned else honest  # the poison keeps its dtype
-            content = RecordDict({
-                "arrays": to_record({"w": sent}),
-                "metrics": MetricRecord({"num-examples": cases, "train-loss": float(np.abs(honest).mean()),
-                                         "train-seconds": 0.0}),
-                "info": ConfigRecord({"site": site})})
-            if node == self.poisoned and self.forge is not None:
+            content = self.answer(node, msg)
+            if node == self.forged and self.forge is not None:
                 content = self.forge(content)
             self.replies[message_id] = Reply(message_id, content)
             ids.append(message_id)
@@ -73,3 +65,25 @@ class Sites:
 
     def pull_messages(self, ids):
         return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+class Sites(ReplyingGrid):
+    """Sites that train instantly: Δ = (target − w) / 2, reported with their case counts."""
+
+    def __init__(self, poisoned: int | None = None, poison=lambda delta: np.full_like(delta, np.nan),
+                 forge=None):
+        """Site ``poisoned`` sends ``poison(honest update)``, or the reply ``forge(honest reply)``."""
+        super().__init__(poisoned, forge)
+        self.poison = poison
+
+    def answer(self, node: int, msg) -> RecordDict:
+        site, cases, target = TARGETS[node]
+        w = from_record(msg.content["arrays"])["w"]
+        honest = ((target - w) / 2).astype(np.float32)
+        poisoned = node == self.forged and self.forge is None
+        sent = self.poison(honest) if poisoned else honest  # the poison keeps its dtype
+        return RecordDict({
+            "arrays": to_record({"w": sent}),
+            "metrics": MetricRecord({"num-examples": cases, "train-loss": float(np.abs(honest).mean()),
+                                     "train-seconds": 0.0}),
+            "info": ConfigRecord({"site": site})})

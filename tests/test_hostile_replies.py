@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fake_sites import TARGETS, Reply, Sites, offline_messages  # noqa: F401 (fixture)
+from fake_sites import TARGETS, ReplyingGrid, Sites, offline_messages  # noqa: F401 (fixture)
 from fedlite.eval_stats import EvalStats
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, run_rounds
@@ -98,30 +98,14 @@ def test_a_site_that_names_itself_oddly_is_recorded_by_its_node_id(tmp_path, nam
     assert sorted(rows[0]["sites"]) == ["node-2", "site-a", "site-c"]
 
 
-class _QuerySites:
-    """Every site answers an evaluation query with statistics; site ``forged`` with ``forge(them)``."""
+class _QuerySites(ReplyingGrid):
+    """Every site answers an evaluation query with statistics."""
 
-    def __init__(self, forged: int, forge):
-        self.forged, self.forge, self.replies, self.pushed = forged, forge, {}, 0
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            self.pushed += 1
-            node, message_id = msg.metadata.dst_node_id, f"q{self.pushed}"
-            stats = EvalStats.from_predictions(np.array([0, 1]), np.array([-1, 2]),
-                                               np.array([[0.9, 0.1], [0.2, 0.8]]), np.full((2, 4), 0.25))
-            content = RecordDict({"stats": to_record(stats.to_arrays()),
-                                  "metrics": MetricRecord({"num-examples": 2}),
-                                  "info": ConfigRecord({"site": TARGETS[node][0]})})
-            if node == self.forged:
-                content = self.forge(content)
-            self.replies[message_id] = Reply(message_id, content)
-            ids.append(message_id)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+    def answer(self, node, msg):
+        stats = EvalStats.from_predictions(np.array([0, 1]), np.array([-1, 2]),
+                                           np.array([[0.9, 0.1], [0.2, 0.8]]), np.full((2, 4), 0.25))
+        return RecordDict({"stats": to_record(stats.to_arrays()), "metrics": MetricRecord({"num-examples": 2}),
+                           "info": ConfigRecord({"site": TARGETS[node][0]})})
 
 
 FORGED_STATISTICS = {

@@ -51,11 +51,6 @@ class RoundReplies:
     late_dropped: list[str] = field(default_factory=list)
 
 
-def site_of(msg: Message, node_id: int) -> str:
-    """The name a site gives itself in its reply, else its node id."""
-    return reply_site(msg, node_id)
-
-
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -78,7 +73,7 @@ def push(grid: Grid, content: RecordDict, nodes: list[int], message_type: str) -
 
 
 def _parse_update(msg: Message, sent: Outstanding, server_round: int, replies: RoundReplies) -> None:
-    site = site_of(msg, sent.node_id)
+    site = reply_site(msg, sent.node_id)
     if msg.has_error():
         replies.rejected.append(Rejection(site, site_failure(msg)))
         return
@@ -183,7 +178,7 @@ def ask_sites(grid: Grid, nodes: list[int], content: RecordDict, message_type: s
             if message_id not in pending:
                 continue
             pending.discard(message_id)
-            site = site_of(msg, ids[message_id])
+            site = reply_site(msg, ids[message_id])
             if msg.has_error():
                 result.failed.append(Rejection(site, site_failure(msg)))
             elif site in result.replies:

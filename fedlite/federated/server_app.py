@@ -65,6 +65,7 @@ class TrainingJob(UpdateJob):
         self.device = device
         self.test_loader = _server_test_loader(cfg, tokenizer, model.config, cfg.stages)
         self.training_meta = {"mode": "federated", **cfg.to_flat()}
+        self._settings: tuple[int, dict] = (0, {})
 
     def _trainable(self, server_round: int) -> list[str]:
         return trainable_names(self.model, self.cfg.encoders_frozen(server_round))
@@ -73,8 +74,13 @@ class TrainingJob(UpdateJob):
         return get_arrays(self.model, self._trainable(server_round))
 
     def settings(self, server_round: int) -> dict:
-        return {**self.cfg.site_settings(), "server-round": server_round, "num-stages": len(self.cfg.stages),
-                "frozen-fingerprint": frozen_fingerprint(self.model, self._trainable(server_round))}
+        """The round's settings, computed once per round: the fingerprint hashes every frozen weight,
+        and the round's averaging changes only the trainable ones, so evaluation sends the same."""
+        if self._settings[0] != server_round:
+            self._settings = (server_round, {
+                **self.cfg.site_settings(), "server-round": server_round, "num-stages": len(self.cfg.stages),
+                "frozen-fingerprint": frozen_fingerprint(self.model, self._trainable(server_round))})
+        return self._settings[1]
 
     def apply(self, delta: dict[str, np.ndarray]) -> None:
         add_to_params(self.model, delta)
@@ -168,13 +174,14 @@ def _resume_state(out: Path, model) -> tuple[dict, list[dict]]:
 
 def _write_summary(out: Path, cfg: FederatedConfig, history: list[dict], state: dict) -> dict:
     evaluated = [h for h in history if h.get("eval")]
+    sent, received = summed_bytes(history)
     summary = {
         "rounds": len(history), "best_round": state["best_round"],
         "best": next((h["eval"] for h in evaluated if h["round"] == state["best_round"]), {}),
         "last": evaluated[-1]["eval"] if evaluated else {},
         "server_test": next((h["server_test"] for h in reversed(history) if "server_test" in h), None),
         "eval_cases": evaluated[-1].get("federated_eval", {}).get("cases", {}) if evaluated else {},
-        "bytes_sent": summed_bytes(history)[0], "bytes_received": summed_bytes(history)[1],
+        "bytes_sent": sent, "bytes_received": received,
         "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),
         "config": cfg.to_flat(),
     }
