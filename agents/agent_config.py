@@ -150,7 +150,8 @@ class NodeSettings:
     can confirm that the pair registered at the coordinator is the pair this node uses.
     """
 
-    private_key: Path | None = _setting("path", "an EC private key in OpenSSH format", default=None)
+    private_key: Path | None = _setting("path", "an EC private key in OpenSSH format ('fedlite agent keygen'); "
+                                        "required unless superlink.insecure", default=None)
     public_key: Path | None = _setting("path", "the matching OpenSSH public key", default=None)
     clientappio_port: int = _setting("port", "distinct per agent on one host", default=DEFAULT_CLIENTAPPIO_PORT)
 
@@ -362,7 +363,8 @@ def _toml_value(value: Any) -> str:
 
 _COMMENTS = {
     "superlink": "The federation's coordinator. root_certificate verifies its TLS certificate.",
-    "node": "private_key/public_key: optional OpenSSH EC key pair for Flower node authentication.\n"
+    "node": "private_key/public_key: this hospital's OpenSSH EC key pair ('fedlite agent keygen'); the SuperLink\n"
+            "admits the node once the coordinator registered public_key (flwr supernode register).\n"
             "clientappio_port: this agent's local Runtime API port (127.0.0.1); distinct per agent on a host.",
     "site": "Read only: bundle, data_dir. Written: report_dir (explanations), cache_dir (embeddings).\n"
             "bundle_public_key: only bundles signed by this key's holder are used (predict, explain, fine-tuning).",

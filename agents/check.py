@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedlite.agents.agent_config import AgentConfig, format_bytes, read_agent_config
+from fedlite.agents.node_identity import require_node_identity
 from fedlite.agents.supernode import CONNECTED, UNREACHABLE, probe_config
 from fedlite.errors import InputError, Problem
 
@@ -58,7 +59,6 @@ def run_checks(config_path: str | Path, probe_timeout: float = 5.0) -> list[Chec
     checks = []
     if not config.superlink.insecure:
         checks.append(("root certificate", lambda: check_root_certificate(config, config_path)))
-    if config.node.private_key is not None:
         checks.append(("node keys", lambda: check_node_keys(config, config_path)))
     checks += [
         ("bundle", lambda: check_bundle(config)),
@@ -160,47 +160,20 @@ def _is_ca(cert) -> bool:
 
 
 def check_node_keys(config: AgentConfig, config_path: Path) -> CheckItem:
-    """Flower needs an OpenSSH EC private key; a public key given beside it must be its own."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    node = config.node
-    problems = []
+    """The node's identity at the SuperLink: required unless insecure (tests and labs), an OpenSSH EC
+    private key Flower can use, owner-only, and the public key beside it its own."""
     try:
-        private = serialization.load_ssh_private_key(node.private_key.read_bytes(), None)
-        if not isinstance(private, ec.EllipticCurvePrivateKey):
-            raise ValueError("not an EC key")
-    except OSError as exc:
-        return CheckItem("node keys", FAIL, f"{node.private_key} cannot be read",
-                         [str(Problem(f"cannot read {node.private_key}: {exc.strerror}", path=config_path,
-                                      field="node.private_key"))])
-    except (ValueError, TypeError) as exc:
-        return CheckItem("node keys", FAIL, f"{node.private_key} is not a usable node key",
-                         [str(Problem(f"not an unencrypted OpenSSH EC private key ({exc})", path=config_path,
-                                      field="node.private_key",
-                                      hint="make one with: ssh-keygen -t ecdsa -b 384 -N '' -f node_key"))])
-    if node.private_key.stat().st_mode & 0o004:
-        problems.append((WARN, str(Problem(f"{node.private_key} is readable by every user", path=config_path,
-                                           field="node.private_key", hint=f"chmod 600 {node.private_key}"))))
-    if node.public_key is not None:
-        derived = private.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                    serialization.PublicFormat.OpenSSH)
-        try:
-            given = serialization.load_ssh_public_key(node.public_key.read_bytes()).public_bytes(
-                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        except OSError as exc:
-            problems.append((FAIL, str(Problem(f"cannot read {node.public_key}: {exc.strerror}", path=config_path,
-                                               field="node.public_key"))))
-        except (ValueError, TypeError) as exc:
-            problems.append((FAIL, str(Problem(f"not an OpenSSH public key ({exc})", path=config_path,
-                                               field="node.public_key"))))
-        else:
-            if given != derived:
-                problems.append((FAIL, str(Problem(f"{node.public_key} is not the public key of {node.private_key}",
-                                                   path=config_path, field="node.public_key",
-                                                   hint="register and configure the matching pair"))))
-    return _item("node keys", f"{node.private_key}: OpenSSH EC key ({private.curve.name})"
-                 + (", public key matches" if node.public_key is not None else ""), problems)
+        identity = require_node_identity(config, source=config_path)
+    except InputError as exc:
+        return CheckItem("node keys", FAIL, "no usable node key pair", [str(p) for p in exc.problems])
+    problems = []
+    if identity.private_key.stat().st_mode & 0o044:
+        problems.append((WARN, str(Problem(f"{identity.private_key} is readable by other users", path=config_path,
+                                           field="node.private_key", hint=f"chmod 600 {identity.private_key}"))))
+    return _item("node keys", f"{identity.private_key}: OpenSSH EC key ({identity.curve})"
+                 + (", public key matches" if config.node.public_key is not None else "")
+                 + "; the coordinator admits it after: flwr supernode register "
+                 + str(config.node.public_key or "PUBLIC_KEY"), problems)
 
 
 # --------------------------------------------------------------------------------- bundle and data

@@ -12,11 +12,13 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedlite.agents.agent_config import (DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig,
                                          config_from_mapping, render_agent_config, thread_environment)
+from fedlite.agents.node_identity import (REGISTER_HINT, default_public_key, load_node_identity,
+                                          missing_identity_problem)
 from fedlite.agents.supernode import EXIT_CONFIG
 from fedlite.atomic import atomic_write_text
 from fedlite.errors import InputError, Problem
@@ -190,6 +192,29 @@ def staged_path(path: Path, prefix: Path | None) -> Path:
     return prefix.expanduser().absolute() / path.relative_to(path.anchor)
 
 
+def install_identity(config: AgentConfig, prefix: Path | None = None) -> AgentConfig:
+    """The config with its node key pair checked: required unless ``--insecure``; the public key
+    defaults to the private key's ``.pub`` beside it. Under ``prefix`` a key staged there is read,
+    else the one at the path given."""
+    node = config.node
+    if config.superlink.insecure:
+        return config
+    field = _option_field("node.private_key")
+    if node.private_key is None:
+        raise InputError(missing_identity_problem(None, field=field))
+    private = _existing(node.private_key, prefix)
+    public = node.public_key
+    if public is None and _existing(default_public_key(node.private_key), prefix).is_file():
+        public = default_public_key(node.private_key)
+    load_node_identity(private, _existing(public, prefix) if public is not None else None, field=field)
+    return replace(config, node=replace(node, public_key=public))
+
+
+def _existing(path: Path, prefix: Path | None) -> Path:
+    staged = staged_path(path, prefix)
+    return staged if staged.exists() else path
+
+
 def plan_install(config: AgentConfig, *, config_path: Path = DEFAULT_CONFIG_PATH, prefix: Path | None = None,
                  executable: Path | None = None, user: str = DEFAULT_USER) -> InstallPlan:
     config_path = Path(config_path).absolute()
@@ -223,10 +248,15 @@ def follow_up_commands(plan: InstallPlan) -> list[str]:
     site, user = plan.config.site, plan.user
     dirs = " ".join(shlex.quote(str(p)) for p in (site.report_dir, site.cache_dir))
     config = shlex.quote(str(plan.config_path))
+    node = plan.config.node
+    identity = [] if node.private_key is None else [
+        f"chown {user}: {shlex.quote(str(node.private_key))} && chmod 0600 {shlex.quote(str(node.private_key))}",
+        f"# send {node.public_key or 'the public key'} to the coordinator; {REGISTER_HINT}"]
     return [
         f"useradd --system --user-group --home-dir {DEFAULT_STATE_DIR} --no-create-home "
         f"--shell /usr/sbin/nologin {user}",
         f"install -d -o {user} -g {user} -m 0750 {dirs}",
+        *identity,
         f"# make sure {user} can read {site.data_dir} and {site.bundle}",
         f"sudo -u {user} {shlex.quote(str(plan.executable))} agent check --config {config}",
         "systemctl daemon-reload",

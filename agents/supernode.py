@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fedlite.agents.agent_config import AgentConfig, parse_address, render_node_config, thread_environment
+from fedlite.agents.node_identity import REGISTER_HINT, require_node_identity
 from fedlite.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ STABLE_SECONDS = 300.0  # a SuperNode that ran this long was healthy: its exit s
 # auth key, node auth without TLS, bad trusted entities, SuperExec config, address, TLS files.
 FLOWER_CONFIG_CODES = frozenset({302, 303, 304, 400, 401, 402, 600, 602, 603, 604, 605})
 _FLOWER_EXIT_RE = re.compile(r"Exit Code: (\d+)")
+# What the SuperNode prints when an authenticating SuperLink does not know its public key.
+_NOT_ADMITTED_TEXT = "Failed to activate SuperNode"
 _ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _FLOWER_LEVEL_RE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:")
 
@@ -191,6 +194,7 @@ class SupernodeExit:
     flower_code: int | None  # the "Exit Code: N" Flower logged, if any
     seconds: float
     stopped: bool  # we stopped it (signal)
+    not_admitted: bool = False  # the SuperLink refused this node's key (not registered there)
 
     @property
     def config_error(self) -> bool:
@@ -259,7 +263,8 @@ def run_supernode(config: AgentConfig, stop: threading.Event, *, bin_dir: Path |
                              env=supernode_environment(config, dict(os.environ), bin_dir), start_new_session=True)
     log.info("SuperNode started (pid %d): %s", popen.pid, " ".join(command))
     codes: list[int] = []
-    relay = threading.Thread(target=_relay_output, args=(popen.stdout, codes), daemon=True)
+    refusals: list[str] = []
+    relay = threading.Thread(target=_relay_output, args=(popen.stdout, codes, refusals), daemon=True)
     relay.start()
     stopped, family, next_look = False, [], 0.0
     try:
@@ -274,12 +279,13 @@ def run_supernode(config: AgentConfig, stop: threading.Event, *, bin_dir: Path |
     finally:
         stop_process(popen, grace, family)
     relay.join(timeout=5)
-    return SupernodeExit(popen.returncode, codes[-1] if codes else None, time.monotonic() - started, stopped)
+    return SupernodeExit(popen.returncode, codes[-1] if codes else None, time.monotonic() - started, stopped,
+                         not_admitted=bool(refusals))
 
 
-def _relay_output(stream, codes: list[int]) -> None:
+def _relay_output(stream, codes: list[int], refusals: list[str]) -> None:
     """The SuperNode's lines into the agent's log (timestamped, colour codes removed, at Flower's level);
-    remembers the exit codes Flower announces."""
+    remembers the exit codes Flower announces and whether the SuperLink refused this node."""
     level = logging.INFO
     for raw in iter(stream.readline, b""):
         line = _ANSI_RE.sub("", raw.decode("utf-8", "replace")).rstrip()
@@ -291,6 +297,8 @@ def _relay_output(stream, codes: list[int]) -> None:
         match = _FLOWER_EXIT_RE.search(line)
         if match:
             codes.append(int(match.group(1)))
+        if _NOT_ADMITTED_TEXT in line:
+            refusals.append(line)
         log.log(level, "supernode: %s", line)
     stream.close()
 
@@ -317,6 +325,14 @@ def run_agent(config: AgentConfig, policy: RetryPolicy = RetryPolicy(), stop: th
             log.error("cannot load the root certificate %s: %s; not retrying, fix superlink.root_certificate",
                       config.superlink.root_certificate, getattr(exc, "strerror", None) or exc)
             return EXIT_CONFIG
+    try:
+        identity = require_node_identity(config)
+    except InputError as exc:
+        log.error("%s; not retrying, fix the configuration", exc)
+        return EXIT_CONFIG
+    if identity is not None:
+        log.info("node key %s (%s); public key %s", identity.private_key, identity.curve,
+                 identity.public_key_openssh[:40] + "...")
     failures = 0
     probe = probe_config(config, probe_timeout)
     while not stop.is_set():
@@ -343,6 +359,10 @@ def run_agent(config: AgentConfig, policy: RetryPolicy = RetryPolicy(), stop: th
                 continue
             reason = f"SuperNode exited ({result.describe()}); SuperLink {address} " + (
                 "reachable" if probe.ok else f"unreachable ({probe.detail})")
+            if result.not_admitted:  # retried: the coordinator may register the key meanwhile
+                reason = (f"the SuperLink {address} did not admit this node: its public key "
+                          f"({config.node.public_key or config.node.private_key}) is not registered there; "
+                          f"{REGISTER_HINT}")
         else:
             reason = f"SuperLink {address} unreachable ({probe.detail})"
         failures += 1

@@ -49,6 +49,7 @@ from fedlite.export.quantize import QuantSettings, prepare_graph
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, append_row, run_rounds, summed_bytes
 from fedlite.federated.params import add_to_params, get_arrays, to_record
+from fedlite.federated.preflight import check_sites_data
 from fedlite.federated.replies import reply_arrays, reply_metrics
 from fedlite.federated.rounds import QUERY_TIMEOUT, T, ask_sites, read_replies, wait_for_nodes
 from fedlite.federated.shipped_files import pack_files
@@ -291,6 +292,7 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
     teacher = ckpt.model
     if run.dp:
         raise InputError("a federated export distills without DP-SGD", hint="drop --dp")
+    check_sites_data(grid, run.min_sites, run.round_timeout or QUERY_TIMEOUT)
     with tempfile.TemporaryDirectory(prefix="fedlite-export-") as scratch_name:
         scratch = Path(scratch_name)
         log_path = scratch / ROUNDS

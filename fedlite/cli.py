@@ -687,6 +687,23 @@ _AGENT_CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(p
                                     help="The agent's TOML config.")
 
 
+@agent.command("keygen")
+@click.argument("private_key", type=click.Path(path_type=Path), default=Path("node_key"))
+def agent_keygen(private_key: Path) -> None:
+    """Make this hospital's node key pair: PRIVATE_KEY (owner-only) and PRIVATE_KEY.pub, which the
+    coordinator registers (flwr supernode register) so its SuperLink admits this agent."""
+    from fedlite.agents.node_identity import generate_node_key_pair
+
+    identity = generate_node_key_pair(private_key)
+    public = private_key.with_name(private_key.name + ".pub")
+    click.echo(f"private key: {private_key} (keep it on this server, readable only by the agent's user)\n"
+               f"public key:  {public}\n\n"
+               f"send {public} to the coordinator, who registers it:\n"
+               f"  flwr supernode register {public.name} <connection> --name <hospital>\n"
+               f"then: fedlite agent install ... --private-key {private_key.absolute()}\n"
+               f"({identity.curve} {identity.public_key_openssh[:50]}...)")
+
+
 @agent.command("install")
 @_AGENT_CONFIG_OPTION
 @click.option("--prefix", type=click.Path(path_type=Path), default=None, metavar="DIR",
@@ -705,8 +722,10 @@ _AGENT_CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(p
 @click.option("--threads", type=int, default=0, show_default=True, help="CPU threads (0: up to 4).")
 @click.option("--memory-max", default="4G", show_default=True, help="systemd MemoryMax, e.g. 6G or 512M.")
 @click.option("--private-key", type=click.Path(path_type=Path), default=None,
-              help="OpenSSH EC private key for Flower node authentication.")
-@click.option("--public-key", type=click.Path(path_type=Path), default=None, help="Its public key.")
+              help="This hospital's node key (OpenSSH EC, from 'fedlite agent keygen'): the SuperLink admits "
+                   "only registered keys. Required unless --insecure.")
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Its public key (default: PRIVATE_KEY.pub when it exists).")
 @click.option("--clientappio-port", type=int, default=9094, show_default=True,
               help="Local Runtime API port; distinct per agent on one host.")
 @click.option("--user", default="fedlite", show_default=True, help="System user the service runs as.")
@@ -715,7 +734,8 @@ def agent_install(config_path: Path, prefix: Path | None, dry_run: bool, force: 
                   cache_dir: Path, threads: int, memory_max: str, private_key: Path | None,
                   public_key: Path | None, clientappio_port: int, user: str) -> None:
     """Write the agent's config and its systemd unit (fedlite-agent.service)."""
-    from fedlite.agents.install import config_from_options, follow_up_commands, plan_install, write_install
+    from fedlite.agents.install import (config_from_options, follow_up_commands, install_identity, plan_install,
+                                        write_install)
 
     config_path = config_path.expanduser().absolute()
     config = config_from_options({
@@ -723,6 +743,7 @@ def agent_install(config_path: Path, prefix: Path | None, dry_run: bool, force: 
         "node.private_key": private_key, "node.public_key": public_key, "node.clientappio_port": clientappio_port,
         "site.bundle": bundle, "site.data_dir": data_dir, "site.report_dir": report_dir, "site.cache_dir": cache_dir,
         "resources.threads": threads, "resources.memory_max": memory_max}, config_path)
+    config = install_identity(config, prefix)
     plan = plan_install(config, config_path=config_path, prefix=prefix, user=user)
     if not plan.executable.is_file():
         click.secho(f"warning: {plan.executable} does not exist; the unit's ExecStart needs it", fg="yellow", err=True)

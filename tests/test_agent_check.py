@@ -12,13 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
 
-from fedlite.agents.agent_config import (AgentConfig, ResourceSettings, SiteSettings, SuperLinkSettings,
+from fedlite.agents.agent_config import (AgentConfig, NodeSettings, ResourceSettings, SiteSettings, SuperLinkSettings,
                                          render_agent_config)
 from fedlite.agents.check import FAIL, OK, WARN, run_checks
 from fedlite.agents.supernode import CONNECTED, TLS_FAILED, UNREACHABLE, probe_superlink
@@ -49,8 +50,10 @@ def make_bundle(directory: Path) -> Path:
 
 
 def make_site(root: Path, address: str, root_certificate: Path | None, insecure: bool = False,
-              memory_max: str = "2G") -> Path:
-    """A site with a bundle, a dataset and its output directories; returns its agent.toml."""
+              memory_max: str = "2G", node_key: bool = True) -> Path:
+    """A site with a bundle, a dataset and its output directories, and (unless insecure or not
+    ``node_key``) its node key pair; returns its agent.toml."""
+    from fedlite.agents.node_identity import generate_node_key_pair
     from fedlite.data.synth import synthesize
 
     synthesize(root / "data", n_cases=6, seed=1, workers=1, progress=False)
@@ -61,6 +64,10 @@ def make_site(root: Path, address: str, root_certificate: Path | None, insecure:
         site=SiteSettings(bundle=make_bundle(root / "bundle"), data_dir=root / "data", report_dir=root / "reports",
                           cache_dir=root / "cache"),
         resources=ResourceSettings(threads=1, memory_max=memory_max))
+    if node_key and not insecure:
+        identity = generate_node_key_pair(root / "node_key")
+        config = replace(config, node=NodeSettings(private_key=identity.private_key,
+                                                   public_key=root / "node_key.pub"))
     path = root / "agent.toml"
     path.write_text(render_agent_config(config), encoding="utf-8")
     return path
@@ -302,7 +309,7 @@ def test_node_keys_must_be_an_openssh_ec_pair(tmp_path):
         return private, public
 
     (private, public), (_, other_public) = write_pair("node_key"), write_pair("other_key")
-    config = make_site(tmp_path, f"127.0.0.1:{closed_port()}", None)
+    config = make_site(tmp_path, f"127.0.0.1:{closed_port()}", None, node_key=False)
     text = config.read_text()
 
     config.write_text(text.replace("[node]", f'[node]\nprivate_key = "{private}"\npublic_key = "{public}"'))
@@ -315,3 +322,22 @@ def test_node_keys_must_be_an_openssh_ec_pair(tmp_path):
     config.write_text(text.replace("[node]", f'[node]\nprivate_key = "{public}"'))
     item = by_name(run_checks(config, probe_timeout=2))["node keys"]
     assert item.status == FAIL and "field 'node.private_key'" in item.problems[0]
+
+
+def test_without_a_node_key_check_fails_unless_insecure(tmp_path):
+    config = make_site(tmp_path / "tls", f"127.0.0.1:{closed_port()}", None, node_key=False)
+    result = CliRunner().invoke(main, ["agent", "check", "--config", str(config), "--timeout", "1"])
+    assert result.exit_code == 1 and "✗ node keys: no usable node key pair" in result.output, result.output
+    assert "field 'node.private_key': no node key" in result.output and "fedlite agent keygen" in result.output
+    assert "flwr supernode register" in result.output
+
+    lab = make_site(tmp_path / "lab", f"127.0.0.1:{closed_port()}", None, insecure=True)
+    item_names = [item.name for item in run_checks(lab, probe_timeout=1)]
+    assert "node keys" not in item_names and "tls" in item_names
+
+
+def test_a_node_key_readable_by_others_is_flagged(tmp_path):
+    config = make_site(tmp_path, f"127.0.0.1:{closed_port()}", None)
+    (tmp_path / "node_key").chmod(0o640)
+    item = by_name(run_checks(config, probe_timeout=1))["node keys"]
+    assert item.status == WARN and "readable by other users" in item.problems[0] and "chmod 600" in item.problems[0]

@@ -15,6 +15,7 @@ from fedlite.agents.agent_config import (AgentConfig, NodeSettings, ResourceSett
                                          SuperLinkSettings, parse_memory, read_agent_config, render_agent_config,
                                          render_node_config, toml_string)
 from fedlite.agents.install import default_executable, plan_install, render_unit
+from fedlite.agents.node_identity import generate_node_key_pair
 from fedlite.agents.supernode import EXIT_CONFIG
 from fedlite.cli import main
 from fedlite.errors import InputError
@@ -28,6 +29,7 @@ def make_config(root: Path, **resources) -> AgentConfig:
         superlink=SuperLinkSettings(address="coordinator.example.org:9093", root_certificate=root / "ca.crt"),
         site=SiteSettings(bundle=root / "bundle", data_dir=root / "site-01", report_dir=root / "reports",
                           cache_dir=root / "cache"),
+        node=NodeSettings(private_key=root / "node_key", public_key=root / "node_key.pub"),
         resources=ResourceSettings(**{"threads": 2, "memory_max": "6G", **resources}))
 
 
@@ -44,11 +46,20 @@ def unit_sections(text: str) -> dict[str, list[tuple[str, str]]]:
     return sections
 
 
-def install_args(root: Path, *extra: str) -> list[str]:
+def install_args(root: Path, *extra: str, node_key: bool = True) -> list[str]:
+    """``agent install`` for a site under ``root``, with its node key pair there (made once)."""
+    key = []
+    if node_key:
+        if not (root / "node_key").exists():
+            generate_node_key_pair(root / "node_key")
+        key = ["--private-key", str(root / "node_key")]
     return ["agent", "install", "--superlink", "coordinator.example.org:9093",
             "--root-certificate", str(root / "ca.crt"), "--bundle", str(root / "bundle"),
             "--data-dir", str(root / "site-01"), "--report-dir", str(root / "reports"),
-            "--cache-dir", str(root / "cache"), *extra]
+            "--cache-dir", str(root / "cache"), *key, *extra]
+
+
+KEYS = {Path("srv/node_key"), Path("srv/node_key.pub")}
 
 
 def files_under(root: Path) -> set[Path]:
@@ -194,14 +205,15 @@ def test_install_under_prefix_writes_both_files_there_and_nothing_else(tmp_path)
                                                    "--memory-max", "6G"))
     assert result.exit_code == 0, result.output
     assert files_under(tmp_path) == {Path("root/etc/fedlite/agent.toml"),
-                                     Path("root/etc/systemd/system/fedlite-agent.service")}
+                                     Path("root/etc/systemd/system/fedlite-agent.service")} | KEYS
     assert (Path("/etc/fedlite/agent.toml").exists(),
             Path("/etc/systemd/system/fedlite-agent.service").exists()) == before
     config = read_agent_config(prefix / "etc/fedlite/agent.toml")
     assert config == make_config(tmp_path / "srv")
     unit = (prefix / "etc/systemd/system/fedlite-agent.service").read_text()
     assert f"ExecStart={default_executable()} agent run --config /etc/fedlite/agent.toml" in unit
-    for command in ("useradd --system", "systemctl daemon-reload", "systemctl enable --now fedlite-agent.service"):
+    for command in ("useradd --system", "systemctl daemon-reload", "systemctl enable --now fedlite-agent.service",
+                    f"chown fedlite: {tmp_path / 'srv' / 'node_key'}", "flwr supernode register"):
         assert command in result.output
 
 
@@ -209,7 +221,7 @@ def test_dry_run_prints_both_files_and_writes_nothing(tmp_path):
     result = CliRunner().invoke(main, install_args(tmp_path / "srv", "--prefix", str(tmp_path / "root"),
                                                    "--dry-run"))
     assert result.exit_code == 0, result.output
-    assert not any(tmp_path.iterdir())
+    assert files_under(tmp_path) == KEYS
     plan = plan_install(make_config(tmp_path / "srv", threads=0, memory_max="4G"), prefix=tmp_path / "root")
     assert str(plan.config_write_path) in result.output and str(plan.unit_write_path) in result.output
     assert plan.config_text in result.output and plan.unit_text in result.output
@@ -261,3 +273,48 @@ def test_the_unit_refuses_control_characters_and_escapes_dollars(tmp_path):
     with pytest.raises(InputError, match="control character"):
         render_unit(config, config_path=tmp_path / "x\nExecStartPre=/bin/evil" / "agent.toml",
                     executable=Path("/usr/bin/fedlite"))
+
+
+def test_install_requires_this_hospitals_node_key_pair_unless_insecure(tmp_path):
+    from fedlite.export.signing import generate_key_pair
+
+    srv, prefix = tmp_path / "srv", tmp_path / "root"
+    missing = CliRunner().invoke(main, install_args(srv, "--prefix", str(prefix), node_key=False))
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert "field '--private-key (node.private_key)': no node key" in missing.output and "fedlite agent keygen" in missing.output
+    assert not prefix.exists()
+
+    generate_node_key_pair(tmp_path / "other_key")
+    args = install_args(srv, "--prefix", str(prefix), "--public-key", str(tmp_path / "other_key.pub"))
+    mismatched = CliRunner().invoke(main, args)
+    assert mismatched.exit_code == 2 and "--public-key (node.public_key)" in mismatched.output
+    assert "is not the public key of" in mismatched.output and not prefix.exists()
+
+    generate_key_pair(tmp_path / "bundle.pem", tmp_path / "bundle.pub")  # an Ed25519 signing key, PEM
+    wrong_kind = CliRunner().invoke(main, install_args(srv, "--prefix", str(prefix), node_key=False)
+                                    + ["--private-key", str(tmp_path / "bundle.pem")])
+    assert wrong_kind.exit_code == 2 and "not an unencrypted OpenSSH private key" in wrong_kind.output
+    assert not prefix.exists()
+
+    lab = install_args(srv, "--prefix", str(prefix), node_key=False)
+    lab[lab.index("--root-certificate"):lab.index("--root-certificate") + 2] = ["--insecure"]
+    assert CliRunner().invoke(main, lab).exit_code == 0
+    assert read_agent_config(prefix / "etc/fedlite/agent.toml").node.private_key is None
+
+
+def test_keygen_writes_an_owner_only_pair_that_flower_and_check_accept(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    result = CliRunner().invoke(main, ["agent", "keygen", str(tmp_path / "node_key")])
+    assert result.exit_code == 0, result.output
+    assert "flwr supernode register node_key.pub" in result.output
+    private = tmp_path / "node_key"
+    assert private.stat().st_mode & 0o777 == 0o600
+    key = serialization.load_ssh_private_key(private.read_bytes(), None)  # what flower-supernode loads
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    public = serialization.load_ssh_public_key((tmp_path / "node_key.pub").read_bytes())  # what flwr registers
+    assert public.public_numbers() == key.public_key().public_numbers()
+    before = private.read_bytes()
+    again = CliRunner().invoke(main, ["agent", "keygen", str(private)])
+    assert again.exit_code == 2 and "refusing to replace" in again.output and private.read_bytes() == before

@@ -21,6 +21,7 @@ import pytest
 
 from fedlite.agents.agent_config import read_agent_config
 from fedlite.agents.supernode import (EXIT_CONFIG, EXIT_UNAVAILABLE, RetryPolicy, run_agent, supernode_command)
+from flower_cli import register_node_key, write_connection
 from test_agent_check import (BIN, closed_port, make_certificates, make_site, needs_flower, stop_by_pid,
                               tls_server, tls_superlink)
 
@@ -113,6 +114,15 @@ def test_configuration_errors_exit_with_the_config_code(tmp_path):
     assert missing.returncode == EXIT_CONFIG and "agent config not found" in missing.stderr
 
 
+def test_an_agent_without_a_node_key_does_not_start(tmp_path):
+    config = make_site(tmp_path, f"127.0.0.1:{closed_port()}", make_certificates(tmp_path / "certs")["ca"],
+                       node_key=False)
+    done, seconds = agent_run(config)
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert "no node key" in done.stderr and "fedlite agent keygen" in done.stderr and "not retrying" in done.stderr
+    assert "SuperNode started" not in done.stderr and seconds < 20
+
+
 # ----------------------------------------------------------------------------- the SuperNode process
 
 
@@ -169,6 +179,9 @@ def test_sigterm_stops_a_real_supernode_and_exits_zero(tmp_path):
     with tls_superlink(tmp_path, certs) as port:
         config = make_site(tmp_path, f"127.0.0.1:{port}", certs["ca"])
         config.write_text(config.read_text().replace("clientappio_port = 9094", f"clientappio_port = {closed_port()}"))
+        # a keyed SuperNode joins only once the coordinator has registered its key
+        cli_home = write_connection(tmp_path / "flwr-cli", f"127.0.0.1:{port}", certs["ca"])
+        register_node_key(cli_home, tmp_path / "node_key.pub", "site")
         log = tmp_path / "agent.log"
         with log.open("wb") as fh:
             agent = subprocess.Popen([str(FEDLITE), "agent", "run", "--config", str(config)], stdout=fh, stderr=fh,

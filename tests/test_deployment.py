@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from certificates import make_certificates
+from flower_cli import register_node_key, write_connection
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -177,17 +178,11 @@ def prepare_deployment(root: Path, sites: list[str], n_cases: int = 40) -> Deplo
     cli_home = root / "flwr-cli"
     deployment = Deployment(root, certs, free_ports(1)[0], split, base_env(cli_home))
     # What `flwr run . hospitals` reads: $FLWR_HOME/config.toml (TLS unless `insecure = true`).
-    (cli_home / "config.toml").write_text(
-        '[superlink]\n'
-        'default = "hospitals"\n\n'
-        '[superlink.hospitals]\n'
-        f'address = "127.0.0.1:{deployment.link_port}"\n'
-        f'root-certificates = "{certs["ca"]}"\n'
-    )
+    write_connection(cli_home, f"127.0.0.1:{deployment.link_port}", certs["ca"])
     return deployment
 
 
-def start_superlink(deployment: Deployment) -> None:
+def start_superlink(deployment: Deployment, *extra: str) -> None:
     """The SuperLink with TLS: Fleet, Control and Runtime APIs on one loopback port."""
     certs, link_port = deployment.certs, deployment.link_port
     link = deployment.start("superlink", [
@@ -195,9 +190,33 @@ def start_superlink(deployment: Deployment) -> None:
         "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
         "--ssl-keyfile", str(certs["key"]),
         "--host", "127.0.0.1", "--port", str(link_port),  # Fleet, Control and Runtime APIs on one port
-        "--disable-runtime-dependency-installation",
+        "--disable-runtime-dependency-installation", *extra,
     ], base_env(deployment.root / "flwr-superlink"))
     wait_for_port(link_port, link.popen, timeout=90)
+
+
+def start_agent(deployment: Deployment, name: str, data_dir: Path, bundle: Path, port: int, *,
+                registered: bool = True, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Proc:
+    """A hospital agent (`fedlite agent run`) from its own agent.toml, with its own node key pair,
+    registered at the SuperLink as a coordinator would (``registered``)."""
+    from fedlite.agents.agent_config import (AgentConfig, NodeSettings, ResourceSettings, SiteSettings,
+                                             SuperLinkSettings, render_agent_config)
+    from fedlite.agents.node_identity import generate_node_key_pair
+
+    home = deployment.root / f"agent-{name}"
+    home.mkdir(parents=True)
+    identity = generate_node_key_pair(home / "node_key")
+    if registered:
+        register_node_key(deployment.root / "flwr-cli", home / "node_key.pub", name)
+    config = AgentConfig(
+        superlink=SuperLinkSettings(address=f"127.0.0.1:{deployment.link_port}", root_certificate=deployment.certs["ca"]),
+        site=SiteSettings(bundle=bundle, data_dir=data_dir, report_dir=home / "reports", cache_dir=home / "cache"),
+        node=NodeSettings(private_key=identity.private_key, public_key=home / "node_key.pub", clientappio_port=port),
+        resources=ResourceSettings(threads=1, memory_max="2G"))
+    (home / "agent.toml").write_text(render_agent_config(config))
+    return deployment.start(f"agent-{name}", [
+        str(BIN / "fedlite"), "agent", "run", "--config", str(home / "agent.toml"), "--initial-backoff", "1", *args,
+    ], {**base_env(home / "flwr"), **(env or {})})
 
 
 def launch(deployment: Deployment, sites: list[str]) -> None:

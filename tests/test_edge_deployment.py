@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from test_deployment import BIN, base_env, deploy, flwr_run, free_ports, start_superlink, wait_for_summary  # noqa: F401
+from test_deployment import BIN, deploy, flwr_run, free_ports, start_agent, start_superlink, wait_for_summary  # noqa: F401
 
-from fedlite.agents.agent_config import (AgentConfig, NodeSettings, ResourceSettings, SiteSettings,
-                                         SuperLinkSettings, render_agent_config)
 from fedlite.export.bundle import verify_bundle
 from fedlite.export.head_swap import read_head_weights
 
@@ -22,18 +20,7 @@ def agent_launcher(bundle: Path):
         start_superlink(deployment)
         ports = [p for p in free_ports(len(sites) + 1) if p != deployment.link_port][:len(sites)]
         for site, port in zip(sites, ports):
-            home = deployment.root / f"agent-{site}"
-            config = AgentConfig(
-                superlink=SuperLinkSettings(address=f"127.0.0.1:{deployment.link_port}",
-                                            root_certificate=deployment.certs["ca"]),
-                site=SiteSettings(bundle=bundle, data_dir=deployment.split / site, report_dir=home / "reports",
-                                  cache_dir=home / "cache"),
-                node=NodeSettings(clientappio_port=port), resources=ResourceSettings(threads=1, memory_max="2G"))
-            home.mkdir(parents=True)
-            (home / "agent.toml").write_text(render_agent_config(config))
-            deployment.nodes[site] = deployment.start(f"agent-{site}", [
-                str(BIN / "fedlite"), "agent", "run", "--config", str(home / "agent.toml"), "--initial-backoff", "1",
-            ], base_env(home / "flwr"))
+            deployment.nodes[site] = start_agent(deployment, site, deployment.split / site, bundle, port)
     return launch_agents
 
 

@@ -8,7 +8,7 @@ import logging
 import shutil
 
 import pytest
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlite.errors import InputError
 from fedlite.federated.site_guard import SiteJobFailed, SiteRefusal, guarded
@@ -65,25 +65,58 @@ def test_a_site_reports_nothing_over_fewer_cases_than_its_floor():
         few(_Msg("evaluate"), _Context(**{"min-report-cases": "lots"}))
 
 
-def test_a_site_with_a_bad_manifest_does_not_leak_its_case_into_the_coordinators_records(tmp_path, synth_split):
+def break_site(split, site_name: str):
+    """A case with an impossible label under a telling id, and another case's image not decodable."""
+    from fedlite.data.manifest import read_dataset
+
+    site = read_dataset(split / site_name)
+    broken_image = site.image_path(site.cases[1])
+    broken_image.write_bytes(b"not a png")
+    manifest = split / site_name / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0].update(id=CASE_ID, leukemia=7)
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return broken_image
+
+
+def test_a_site_checks_its_own_data_and_sends_two_counts(tmp_path, synth_split, caplog, task_identity):
+    from fedlite.federated.preflight import check_own_data, data_check_reply
+
+    split = tmp_path / "data" / synth_split.out_dir.name
+    shutil.copytree(synth_split.out_dir.parent, tmp_path / "data", ignore=shutil.ignore_patterns("test"))
+    broken_image = break_site(split, "site-02")
+    with caplog.at_level(logging.ERROR, logger="fedlite.federated.preflight"):
+        check = check_own_data(split / "site-02")
+    lines = (split / "site-02" / "manifest.jsonl").read_text().splitlines()
+    assert check.problems == 2 and check.cases == len(lines) - 1  # the case with the impossible label is out
+    site_log = "\n".join(r.getMessage() for r in caplog.records)
+    assert "manifest.jsonl:1: field" in site_log and str(broken_image) in site_log  # file, line, field, path
+    request = Message(RecordDict({"config": ConfigRecord({"decode-images": True})}), dst_node_id=1,
+                      message_type="query.datacheck")
+    reply = data_check_reply(request, check, "site-02")
+    assert dict(reply.content["metrics"]) == {"num-examples": check.cases, "problems": 2}
+    assert set(reply.content.keys()) == {"metrics", "info"} and dict(reply.content["info"]) == {"site": "site-02"}
+    assert check_own_data(split / "site-01").problems == 0
+
+
+def test_a_site_with_bad_data_stops_the_run_before_it_writes_anything(tmp_path, synth_split):
+    """Before round 1 every site checks its own data: the site with problems is named with their
+    count, the run writes nothing, and no case id or path reaches the coordinator."""
     from fedlite.federated.config import FederatedConfig
     from fedlite.federated.simulation import run_federated_simulation
 
     data = tmp_path / "data"  # the images sit beside the split; the coordinator gets no test set
     shutil.copytree(synth_split.out_dir.parent, data, ignore=shutil.ignore_patterns("test"))
     split = data / synth_split.out_dir.name
-    manifest = split / "site-02" / "manifest.jsonl"
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    rows[0].update(id=CASE_ID, leukemia=7)
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    broken_image = break_site(split, "site-02")
     cfg = FederatedConfig(split_dir=str(split), out=str(tmp_path / "run"), preset="tiny", rounds=1, freeze_rounds=1,
                           local_epochs=1, batch_size=16)
-    run_federated_simulation(cfg, progress=False)
-    text = (tmp_path / "run" / "rounds.jsonl").read_text()
-    row = json.loads(text)
-    assert "site-02" not in row["sites"] and row["sites"]
-    assert any("incident" in r["reason"] for r in row["rejected"])
-    assert CASE_ID not in text and "manifest" not in text
+    with pytest.raises(InputError) as err:
+        run_federated_simulation(cfg, progress=False)
+    message = str(err.value)
+    assert "the run wrote nothing" in message and "site-02: 2 problem(s) in its data" in message
+    assert "site-01" not in message and CASE_ID not in message and str(broken_image) not in message
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_agents_policy_table_reaches_the_site_guard_through_the_node_config(tmp_path):

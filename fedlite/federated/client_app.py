@@ -27,6 +27,7 @@ from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import from_record, frozen_fingerprint, set_arrays, trainable_names
+from fedlite.federated.preflight import check_own_data, data_check_reply
 from fedlite.federated.site import site_paths
 from fedlite.federated.site_guard import guarded
 from fedlite.federated.site_update import local_update, stats_reply, update_reply
@@ -94,6 +95,12 @@ def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None =
     return stats_reply(msg, stats, data_dir.name, time.perf_counter() - start)
 
 
+def check_site_data(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
+    """Before a run starts: this site's data validated and every image decoded; counts only go back."""
+    data_dir = site_paths(context, split_dir).data_dir
+    return data_check_reply(msg, check_own_data(data_dir), data_dir.name)
+
+
 def make_client_app(split_dir: str | Path | None = None, site_defaults: dict[str, str] | None = None) -> ClientApp:
     """``site_defaults``: bundle and cache-dir of simulated sites (a deployed site's come from its
     node config)."""
@@ -117,6 +124,11 @@ def make_client_app(split_dir: str | Path | None = None, site_defaults: dict[str
 
             return edge_evaluate(msg, context, split_dir, defaults)
         return evaluate_site(msg, context, split_dir)
+
+    @client.query("datacheck")
+    @guarded
+    def datacheck(msg: Message, context: Context) -> Message:
+        return check_site_data(msg, context, split_dir)
 
     # The federated export's jobs (export/site_tasks.py).
     def export_task(name: str) -> Callable[[Message, Context], Message]:

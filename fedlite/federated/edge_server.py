@@ -26,6 +26,7 @@ from fedlite.export.signing import SIGNATURE, load_private_key
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, run_rounds, summed_bytes
 from fedlite.federated.params import to_record
+from fedlite.federated.preflight import check_sites_data
 from fedlite.federated.rounds import QUERY_TIMEOUT, FederatedEvaluation, federated_evaluate, wait_for_nodes
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True, for
     if signing_key is None and (bundle / SIGNATURE).exists():
         raise InputError("the bundle is signed and its agents may pin the key: sign the fine-tuned bundle too",
                          path=bundle, hint="give the consortium's private key (--sign KEY, run config sign-key)")
+    check_sites_data(grid, cfg.min_sites, cfg.round_timeout or QUERY_TIMEOUT)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ROUNDS).write_text("")

@@ -31,6 +31,7 @@ _NOW_SPAN = 10 * 365 * 86400.0  # wall-clock stamps: within ten years of now eit
 METRICS = {
     "num-examples": (True, 0, MAX_SITE_CASES),
     "validation-cases": (True, 0, MAX_SITE_CASES),
+    "problems": (True, 0, 10 * MAX_SITE_CASES),  # a site's data check: problems found in its data
     "train-loss": (False, 0.0, 1e6),
     "samples": (True, 0, 10**12),
     "steps": (True, 0, 10**12),

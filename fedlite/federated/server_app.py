@@ -28,6 +28,7 @@ from fedlite.errors import InputError
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, run_rounds, summed_bytes
 from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, to_record, trainable_names
+from fedlite.federated.preflight import check_sites_data
 from fedlite.federated.rounds import QUERY_TIMEOUT, federated_evaluate
 from fedlite.federated.task import build_initial_model, run_tokenizer
 from fedlite.plots import plot_history
@@ -123,6 +124,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, resume: bool = False, progress:
     out = Path(cfg.out)
     if not resume:
         require_free(out, force, "run directory")
+    check_sites_data(grid, cfg.min_sites, cfg.round_timeout or QUERY_TIMEOUT)
     out.mkdir(parents=True, exist_ok=True)
     model = build_initial_model(cfg, len(cfg.stages))
     state = {"round": 0, "best_round": 0, "best_score": -1.0}

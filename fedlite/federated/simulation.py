@@ -43,9 +43,10 @@ def simulation_config(cfg: FederatedConfig, split: SplitSummary) -> FederatedCon
 
 
 def simulate(split_dir: str | Path, job: Callable[[Grid], object], site_defaults: dict[str, str] | None = None,
-             device: str = "auto") -> object:
+             device: str = "auto", client_app=None) -> object:
     """Run ``job`` as the ServerApp over one simulated site per site of the split and return its
-    result; an error in the job is raised here, in the caller's thread."""
+    result; an error in the job is raised here, in the caller's thread. ``client_app`` replaces the
+    sites' own (a benchmark's attacker)."""
     import torch
     from flwr.simulation import run_simulation
 
@@ -56,7 +57,7 @@ def simulate(split_dir: str | Path, job: Callable[[Grid], object], site_defaults
     outcome: dict = {}
     log.info("simulating %d sites (%s)", len(split.sites), ", ".join(split.sites))
     run_simulation(server_app=make_server_app(job, outcome),
-                   client_app=make_client_app(str(Path(split_dir).resolve()), site_defaults),
+                   client_app=client_app or make_client_app(str(Path(split_dir).resolve()), site_defaults),
                    num_supernodes=len(split.sites), backend_config=backend_config(len(split.sites), gpus))
     if "error" in outcome:
         raise outcome["error"]

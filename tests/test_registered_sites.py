@@ -1,0 +1,78 @@
+"""Only registered hospitals join, and a registered one cannot poison the model: a real TLS SuperLink
+with SuperNode authentication (``--enable-supernode-auth``), three hospital agents whose keys the
+coordinator registered (``flwr supernode register``), one of which sends a crafted update, and one
+agent whose key nobody registered. Every process is stopped by PID."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from test_deployment import (BIN, deploy, flwr_run, free_ports, rounds, start_agent, start_superlink,  # noqa: F401
+                             wait_for_summary)
+
+from fedlite.agents.supernode import EXIT_UNAVAILABLE
+
+pytestmark = pytest.mark.skipif(not (BIN / "fedlite").exists(), reason="the fedlite console script is not installed")
+
+HONEST = ["site-01", "site-02"]
+HOSTILE = "site-03"
+# Loaded at the start of every Python process of the hostile hospital's agent, so its ClientApp
+# multiplies every update it sends by a million: the reply is well formed, its values are not.
+CRAFTED_UPDATE = '''
+import fedlite.federated.site_update as site_update
+
+_honest_reply = site_update.update_reply
+
+
+def update_reply(msg, update, site, compressed):
+    update.arrays = {name: value * 1e6 for name, value in update.arrays.items()}
+    return _honest_reply(msg, update, site, compressed)
+
+
+site_update.update_reply = update_reply
+'''
+
+
+def authenticated_launcher(bundle: Path, hostile_code: Path):
+    def launch(deployment, sites: list[str]) -> None:
+        start_superlink(deployment, "--enable-supernode-auth")
+        ports = [p for p in free_ports(len(sites) + 2) if p != deployment.link_port][:len(sites) + 1]
+        for site, port in zip(sites, ports):
+            env = {"PYTHONPATH": str(hostile_code)} if site == HOSTILE else None
+            deployment.nodes[site] = start_agent(deployment, site, deployment.split / site, bundle, port, env=env)
+        # a hospital nobody registered, pointed at the same SuperLink with a key of its own
+        deployment.nodes["intruder"] = start_agent(deployment, "intruder", deployment.split / HONEST[0], bundle,
+                                                   ports[-1], registered=False, args=("--max-retries", "1"))
+    return launch
+
+
+def test_only_registered_hospitals_join_and_a_crafted_update_is_rejected_and_named(deploy, teacher_bundle,
+                                                                                  tmp_path):
+    from safetensors.numpy import load_file
+
+    hostile_code = tmp_path / "hostile"
+    hostile_code.mkdir()
+    (hostile_code / "sitecustomize.py").write_text(CRAFTED_UPDATE)
+    sites = [*HONEST, HOSTILE]
+    deployment = deploy(sites, authenticated_launcher(teacher_bundle, hostile_code))
+
+    intruder = deployment.nodes["intruder"]
+    assert intruder.popen.wait(timeout=120) == EXIT_UNAVAILABLE, deployment.logs()
+    intruder_log = intruder.log.read_text(errors="replace")
+    assert "did not admit this node: its public key" in intruder_log and "not registered" in intruder_log
+    link_log = deployment.procs[0].log.read_text(errors="replace")
+    assert "No SuperNode found with the given public key" in link_log
+
+    out = tmp_path / "run"
+    run_id = flwr_run(deployment, out, **{"min-sites": 3})
+    summary = wait_for_summary(deployment, run_id, out)
+    assert summary["rounds"] == 1
+    (row,) = rounds(out)
+    assert sorted(row["sites"]) == HONEST, row
+    (rejection,) = row["rejected"]
+    assert rejection["site"] == HOSTILE and "norm" in rejection["reason"], rejection
+    weights = load_file(str(out / "last" / "model.safetensors"))
+    assert all(math.isfinite(float(abs(w).max())) for w in weights.values())
+    assert math.isfinite(row["eval"]["accuracy"])
