@@ -397,11 +397,17 @@ def test_deployment_round_completes_when_a_supernode_dies_mid_round(deploy, tmp_
     start = time.monotonic()
     run_id = flwr_run(deployment, out, **{"min-sites": 3, "round-timeout": ROUND_TIMEOUT})
 
-    # Crash site-03 (SIGKILL, no goodbye) as soon as it has started working on the round's message: the
-    # server must not stall; it closes the round at its deadline (or when the SuperLink reports the node
-    # gone after two missed heartbeats, ~60 s) with the two sites that answered.
+    # Crash site-03 (SIGKILL, no goodbye) once the sites have checked their data (the run's first
+    # message) and it works on the round's: the server must not stall; it closes the round at its
+    # deadline (or when the SuperLink reports the node gone after two missed heartbeats, ~60 s) with
+    # the two sites that answered.
     victim = deployment.nodes["site-03"]
     deadline = time.monotonic() + 180
+    while not (out / "rounds.jsonl").exists():  # the run writes nothing before the sites' data is checked
+        if time.monotonic() > deadline or run_status(deployment, run_id).startswith("finished"):
+            pytest.fail(f"the sites' data check did not finish\n===== ServerApp log =====\n"
+                        f"{run_logs(deployment, run_id)}\n{deployment.logs()}")
+        time.sleep(2)
     next_status_check = time.monotonic() + 15
     while not _clientapp_started(victim):
         if time.monotonic() > deadline:

@@ -1,7 +1,7 @@
 """Only registered hospitals join, and a registered one cannot poison the model: a real TLS SuperLink
 with SuperNode authentication (``--enable-supernode-auth``), three hospital agents whose keys the
-coordinator registered (``flwr supernode register``), one of which sends a crafted update, and one
-agent whose key nobody registered. Every process is stopped by PID."""
+coordinator registered (``flwr supernode register``), one of which sends a crafted update, one agent
+whose key nobody registered, and a SuperNode with no key at all. Every process is stopped by PID."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 
 import pytest
-from test_deployment import (BIN, deploy, flwr_run, free_ports, rounds, start_agent, start_superlink,  # noqa: F401
-                             wait_for_summary)
+from test_deployment import (BIN, base_env, deploy, flwr_run, free_ports, rounds, start_agent,  # noqa: F401
+                             start_superlink, wait_for_summary)
 
 from fedlite.agents.supernode import EXIT_UNAVAILABLE
 
@@ -45,6 +45,11 @@ def authenticated_launcher(bundle: Path, hostile_code: Path):
         # a hospital nobody registered, pointed at the same SuperLink with a key of its own
         deployment.nodes["intruder"] = start_agent(deployment, "intruder", deployment.split / HONEST[0], bundle,
                                                    ports[-1], registered=False, args=("--max-retries", "1"))
+        # and a bare SuperNode with no key at all, which would register itself at a SuperLink without auth
+        deployment.nodes["anonymous"] = deployment.start("supernode-anonymous", [
+            str(BIN / "flower-supernode"), "--root-certificates", str(deployment.certs["ca"]),
+            "--superlink", f"127.0.0.1:{deployment.link_port}", "--host", "127.0.0.1", "--port", str(ports[-1] + 1),
+            "--node-config", f'data-dir="{deployment.split / HONEST[0]}"'], base_env(deployment.root / "flwr-anon"))
     return launch
 
 
@@ -62,8 +67,10 @@ def test_only_registered_hospitals_join_and_a_crafted_update_is_rejected_and_nam
     assert intruder.popen.wait(timeout=120) == EXIT_UNAVAILABLE, deployment.logs()
     intruder_log = intruder.log.read_text(errors="replace")
     assert "did not admit this node: its public key" in intruder_log and "not registered" in intruder_log
+    assert deployment.nodes["anonymous"].popen.wait(timeout=120) != 0, deployment.logs()
     link_log = deployment.procs[0].log.read_text(errors="replace")
-    assert "No SuperNode found with the given public key" in link_log
+    assert "No SuperNode found with the given public key" in link_log  # the intruder's activation
+    assert "[ApiError:2001]" in link_log  # the anonymous node's self-registration: disabled by node auth
 
     out = tmp_path / "run"
     run_id = flwr_run(deployment, out, **{"min-sites": 3})

@@ -4,8 +4,8 @@ A site with a broken manifest or an undecodable image would otherwise fail its f
 hundredth, when the bad image comes up) after the coordinator has created its run directory. Here
 each site validates its manifest(s) and decodes every image, logs each problem in its own log (they
 name cases and paths, so they stay there), and sends back two numbers: cases read and problems
-found. Any site with problems, or that cannot answer, stops the run before it starts, with every
-such site named.
+found. A site with problems stops the run before it starts, named with their count; so do too few
+sound sites to run (a site that could not answer is left to the rounds, which screen every reply).
 """
 
 from __future__ import annotations
@@ -34,18 +34,22 @@ class SiteDataCheck:
 
 
 def check_sites_data(grid, minimum: int, timeout: float = QUERY_TIMEOUT) -> dict[str, SiteDataCheck]:
-    """Every connected site checks its data; raises, naming each site that has problems or did not
-    answer, unless all are ready."""
+    """Every connected site checks its data. Raises, naming each site, if any site found problems in
+    its data, or if fewer than ``minimum`` sites answered that theirs is sound; a site that could not
+    answer (gone, timed out) is logged and left to the rounds, which screen it like any other."""
     nodes = wait_for_nodes(grid, minimum)
     answered = ask_sites(grid, nodes, RecordDict({"config": ConfigRecord({"decode-images": True})}), MESSAGE_TYPE,
                          timeout)
     checks = read_replies(answered, "data check", _read_check)
     problems = [Problem(f"{site}: {check.problems} problem(s) in its data ({check.cases} cases read)")
                 for site, check in sorted(checks.items()) if check.problems]
-    problems += [Problem(f"{failure.site}: {failure.reason}") for failure in answered.failed]
-    if problems:
+    sound = [site for site, check in checks.items() if not check.problems]
+    if problems or len(sound) < max(1, minimum):
+        unanswered = [Problem(f"{failure.site}: {failure.reason}") for failure in answered.failed]
         raise InputError([Problem("the sites' data is not ready; the run wrote nothing", hint=CHECK_HINT),
-                          *problems])
+                          *problems, *unanswered,
+                          *([] if problems else [Problem(f"{len(sound)} site(s) checked their data, the run "
+                                                         f"needs {max(1, minimum)}")])])
     log.info("data checked at %d sites: %s", len(checks),
              ", ".join(f"{site} {check.cases} cases" for site, check in sorted(checks.items())))
     return checks
