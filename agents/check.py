@@ -19,6 +19,7 @@ from pathlib import Path
 from fedlite.agents.agent_config import AgentConfig, format_bytes, read_agent_config
 from fedlite.agents.node_identity import require_node_identity
 from fedlite.agents.supernode import CONNECTED, UNREACHABLE, probe_config
+from fedlite.cpu_features import bundle_saturates_here
 from fedlite.errors import InputError, Problem
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -190,8 +191,15 @@ def check_bundle(config: AgentConfig) -> CheckItem:
         return CheckItem("bundle", FAIL, f"{bundle} does not verify ({what}tampered, corrupt or missing)",
                          _limited([str(p) for p in exc.problems]))
     signed = f", signed by the holder of {key}" if key is not None else ""
-    return CheckItem("bundle", OK, f"{bundle}: {len(meta['files'])} files match their SHA-256{signed} "
-                                   f"(bundle version {meta.get('bundle_version')}, preset {meta.get('preset')})")
+    problems = []
+    if bundle_saturates_here(meta.get("quantization")):
+        problems.append((WARN, str(Problem(
+            f"{bundle} was quantized for CPUs with VNNI (--isa {meta['quantization'].get('isa')}: signed INT8 weights, "
+            "unsigned activations) and this CPU has none: ONNX Runtime's 8-bit products saturate here and can "
+            "change a prediction", path=bundle / "bundle.json", field="quantization",
+            hint="ask the coordinator for a bundle exported with --isa avx2, which runs exactly on this CPU"))))
+    return _item("bundle", f"{bundle}: {len(meta['files'])} files match their SHA-256{signed} "
+                           f"(bundle version {meta.get('bundle_version')}, preset {meta.get('preset')})", problems)
 
 
 def check_data(config: AgentConfig) -> CheckItem:

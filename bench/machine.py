@@ -5,25 +5,8 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
-from pathlib import Path
 
-INT8_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
-              "amx_int8": "AMX-INT8", "asimddp": "ARM dot product"}
-
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    path = Path("/proc/cpuinfo")
-    if not path.is_file():
-        return platform.processor() or platform.machine(), set()
-    model, flags = "", set()
-    for line in path.read_text(errors="replace").splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key in ("model name", "Model") and not model:
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = set(value.split())
-    return model or platform.machine(), flags
+from fedlite.cpu_features import INT8_FLAGS, cpu_info
 
 
 def _version(dist: str) -> str | None:
@@ -36,7 +19,7 @@ def _version(dist: str) -> str | None:
 def machine_info() -> dict:
     import psutil
 
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()
     return {
         "cpu": model,
         "architecture": platform.machine(),

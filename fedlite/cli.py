@@ -355,7 +355,8 @@ def export() -> None:
               "after pruning the teacher (a new student is pruned first and its distillation recovers).")
 @click.option("--quantize", "quant_mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
 @click.option("--isa", type=click.Choice(["avx512_vnni", "avx2", "arm64"]), default="avx512_vnni", show_default=True,
-              help="Instruction set the INT8 graphs target.")
+              help="Instruction set of the hospitals' CPUs: avx512_vnni needs VNNI (it saturates on "
+                   "plain AVX2/AVX-512); avx2 runs exactly on any x86 CPU.")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
 @click.option("--quantize-embeddings", is_flag=True, help="Also store the word-embedding table in INT8 "
               "(worth it with large vocabularies; fedlite's built-in one is trimmed to 1490 rows anyway).")

@@ -35,7 +35,7 @@ needs_flower = pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def make_bundle(directory: Path) -> Path:
+def make_bundle(directory: Path, quantization: dict | None = None) -> Path:
     """A sealed bundle: what verification reads (graph contents do not matter to the check)."""
     directory.mkdir(parents=True)
     graphs = {}
@@ -45,7 +45,7 @@ def make_bundle(directory: Path) -> Path:
     (directory / "tokenizer.json").write_text('{"model": {}}')
     seal_bundle(directory, {"bundle_version": 1, "preset": "tiny", "graphs": graphs, "tokenizer": "tokenizer.json",
                             "preprocessing": {"image_size": 224, "mean": [0.5] * 3, "std": [0.5] * 3,
-                                              "max_length": 128}})
+                                              "max_length": 128}, "quantization": quantization})
     return directory
 
 
@@ -272,6 +272,25 @@ def test_memory_limit_below_the_estimate_fails_and_above_the_machine_warns(tmp_p
     config.write_text(config.read_text().replace('memory_max = "100M"', 'memory_max = "1000T"'))
     item = by_name(run_checks(config, probe_timeout=2))["memory"]
     assert item.status == WARN and "exceeds this machine" in item.problems[0]
+
+
+def test_a_bundle_quantized_for_vnni_is_flagged_on_a_cpu_without_vnni(tmp_path, monkeypatch):
+    import shutil
+
+    from fedlite import cpu_features
+    from fedlite.export.quantize import QuantSettings
+
+    config = make_site(tmp_path, f"127.0.0.1:{closed_port()}", None, insecure=True)
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: "x86_64")
+    for isa, flags, expected in [("avx512_vnni", {"avx2", "avx512f"}, WARN), ("avx512_vnni", {"avx2", "avx_vnni"}, OK),
+                                 ("avx2", {"avx2", "avx512f"}, OK)]:
+        shutil.rmtree(tmp_path / "bundle")
+        make_bundle(tmp_path / "bundle", QuantSettings(mode="static", isa=isa).to_dict())
+        monkeypatch.setattr(cpu_features, "cpu_info", lambda flags=flags: ("a Xeon", frozenset(flags)))
+        item = by_name(run_checks(config, probe_timeout=2))["bundle"]
+        assert item.status == expected, (isa, flags, item)
+        if expected == WARN:
+            assert "saturate" in item.problems[0] and "--isa avx2" in item.problems[0], item.problems
 
 
 def test_insecure_is_flagged_loudly_and_only_tcp_is_probed(tmp_path):

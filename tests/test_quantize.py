@@ -7,9 +7,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 from flwr.app import Array, ArrayRecord
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
+from fedlite.bench.int8_saturation import small_graph_feeds, write_small_graph
+from fedlite.cpu_features import host_isa
 from fedlite.errors import InputError
 from fedlite.export.calibration import (calibrated_tensors, collect_statistics, decode_statistics, histogram_edges,
                                         merge_statistics, ranges_from_statistics)
@@ -19,26 +21,7 @@ from fedlite.export.quantize import QuantSettings, op_counts, prepare_graph, qua
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory) -> Path:
     """Conv -> Relu -> MatMul -> Tanh -> Gemm: the operator kinds static QDQ quantizes in the encoders."""
-    rng = np.random.default_rng(0)
-
-    def weight(name, *shape):
-        return numpy_helper.from_array((0.3 * rng.standard_normal(shape)).astype(np.float32), name)
-
-    nodes = [helper.make_node("Conv", ["pixels", "cw", "cb"], ["conv"], pads=[1, 1, 1, 1], name="conv"),
-             helper.make_node("Relu", ["conv"], ["relu"], name="relu"),
-             helper.make_node("Flatten", ["relu"], ["flat"], axis=1, name="flatten"),
-             helper.make_node("MatMul", ["flat", "w1"], ["hidden"], name="matmul"),
-             helper.make_node("Add", ["hidden", "b1"], ["biased"], name="add"),
-             helper.make_node("Tanh", ["biased"], ["tanh"], name="tanh"),
-             helper.make_node("Gemm", ["tanh", "w2", "b2"], ["logits"], name="gemm")]
-    pixels = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 8, 8])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
-    g = helper.make_graph(nodes, "tiny", [pixels], [logits],
-                          [weight("cw", 4, 3, 3, 3), weight("cb", 4), weight("w1", 256, 16), weight("b1", 16),
-                           weight("w2", 16, 4), weight("b2", 4)])
-    path = tmp_path_factory.mktemp("graph") / "encoder.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return write_small_graph(tmp_path_factory.mktemp("graph") / "encoder.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +33,7 @@ def prepared(graph) -> Path:
 
 
 def _feeds(n=6, seed=1):
-    rng = np.random.default_rng(seed)  # sites differ in scale, so each holds some extreme the other lacks
-    return [{"pixels": (rng.standard_normal((2, 3, 8, 8)) * (1 + i % 3)).astype(np.float32)} for i in range(n)]
+    return small_graph_feeds(n, seed)  # sites differ in scale, so each holds some extreme the other lacks
 
 
 OPERATORS = QuantSettings(mode="static").operators
@@ -132,7 +114,7 @@ def test_histograms_on_shared_edges_add_up_to_the_pooled_histogram(graph, prepar
             low, high = merged.ranges[name]
             assert low[0] <= a[name].range_value[0] <= a[name].range_value[1] <= high[0]
 
-    settings = QuantSettings(mode="static", isa="avx512_vnni")
+    settings = QuantSettings(mode="static", isa=host_isa())  # signed weights saturate on CPUs without VNNI
     quantize_graph(graph, tmp_path / "entropy.onnx", settings, ranges=ranges_from_statistics(merged, "entropy"))
     x = _feeds(1, seed=7)[0]
     fp32, int8 = session(graph).run(None, x)[0], session(tmp_path / "entropy.onnx").run(None, x)[0]
