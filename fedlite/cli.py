@@ -170,6 +170,8 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="With --edge: sign the fine-tuned bundle with this Ed25519 private key (PEM); required when "
                    "the bundle is signed.")
+@click.option("--link-mbps", default="", help="Hospital line rates in Mbit/s, e.g. 20,100: each round also records "
+              "how long its measured bytes would take on them (federated).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--workers", default=0, show_default=True, help="Data-loading processes (centralized).")
 @click.option("--seed", default=0, show_default=True)
@@ -185,7 +187,7 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
           max_staleness: int, staleness_decay: float, convergence_tol: float, aggregation: str,
           trim_fraction: float, eval_every: int,
           site_val_fraction: float, server_test: Path | None, resume_dir: Path | None,
-          edge_bundle: Path | None, sign_key: Path | None, device: str, workers: int, seed: int,
+          edge_bundle: Path | None, sign_key: Path | None, link_mbps: str, device: str, workers: int, seed: int,
           out: Path | None, force: bool) -> None:
     """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
     from fedlite.metrics import format_metrics
@@ -196,6 +198,8 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
         raise click.UsageError("give --data (or --resume RUN_DIR)")
     if edge_bundle is not None and (centralized or resume_dir is not None):
         raise InputError("--edge fine-tunes a bundle federated from the start", hint="drop --centralized/--resume")
+    if centralized and link_mbps:
+        raise InputError("--link-mbps models the federated rounds' transfers", hint="drop --link-mbps or --centralized")
     if centralized:
         from fedlite.centralized import train_centralized
         from fedlite.training import TrainConfig
@@ -228,7 +232,7 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
             local_epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, gamma=gamma, proximal_mu=proximal_mu if strategy == "fedprox" else 0.0,
             dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
-            compress=compress, topk_fraction=topk, seed=seed, device=device,
+            compress=compress, topk_fraction=topk, link_mbps=link_mbps, seed=seed, device=device,
             image_weights=str(image_weights or ""), text_weights=str(text_weights or ""),
             edge_bundle=str(edge_bundle.resolve()) if edge_bundle else "",
             sign_key=str(sign_key.resolve()) if sign_key else "")
@@ -294,15 +298,19 @@ def evaluate(checkpoint: Path, data_dir: Path, batch_size: int, device: str, as_
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Also write the table (FILE.md) and the curves (FILE.png).")
+@click.option("--link-mbps", default="", help="Also model the federated runs' rounds on these line rates in Mbit/s "
+              "(e.g. 20,100), from their recorded bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def compare(runs: tuple[Path, ...], out: Path | None, as_json: bool) -> None:
+def compare(runs: tuple[Path, ...], out: Path | None, link_mbps: str, as_json: bool) -> None:
     """Held-out metrics, bytes and time of finished runs (federated or centralized) side by side."""
     from dataclasses import asdict
 
     from fedlite.atomic import atomic_write_text
     from fedlite.compare import load_run, markdown_table, plot_runs
+    from fedlite.federated.link_model import parse_link_mbps
 
-    summaries = [load_run(run) for run in runs]
+    rates = parse_link_mbps(link_mbps)
+    summaries = [load_run(run, rates) for run in runs]
     table = markdown_table(summaries)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

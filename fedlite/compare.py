@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlite.errors import InputError
+from fedlite.federated.link_model import link_record
 
 METRICS = (("accuracy", "accuracy"), ("auc", "AUC"), ("stage_macro_f1", "stage macro-F1"))
 
@@ -28,6 +29,7 @@ class RunSummary:
     dense_bytes: int | None = None
     epsilon: float | None = None
     settings: str = ""
+    link_minutes: dict[str, float] = field(default_factory=dict)  # Mbit/s → the rounds' minutes on that link
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -42,8 +44,9 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_run(run_dir: str | Path) -> RunSummary:
-    """A finished run directory of ``fedlite train`` (federated or ``--centralized``)."""
+def load_run(run_dir: str | Path, link_mbps: tuple[float, ...] = ()) -> RunSummary:
+    """A finished run directory of ``fedlite train`` (federated or ``--centralized``); ``link_mbps``
+    models its rounds on those line rates (beside any its records already hold)."""
     run = Path(run_dir)
     summary_path = run / "summary.json"
     if not summary_path.is_file():
@@ -56,13 +59,13 @@ def load_run(run_dir: str | Path) -> RunSummary:
     for name, reader in (("rounds.jsonl", _federated), ("history.jsonl", _centralized)):
         if (run / name).is_file():
             try:
-                return reader(run, summary, _read_jsonl(run / name))
+                return reader(run, summary, _read_jsonl(run / name), link_mbps)
             except (KeyError, TypeError, AttributeError) as exc:
                 raise InputError(f"a record lacks the field {exc} or has the wrong type", path=run / name) from None
     raise InputError("neither rounds.jsonl (federated) nor history.jsonl (centralized) found", path=run)
 
 
-def _federated(run: Path, summary: dict, rounds: list[dict]) -> RunSummary:
+def _federated(run: Path, summary: dict, rounds: list[dict], link_mbps: tuple[float, ...]) -> RunSummary:
     config = summary.get("config", {})
     dense = sum(r["dense_update_bytes"] * len(r["bytes_received"]) for r in rounds)
     mu = float(config.get("proximal-mu", 0.0) or 0.0)
@@ -79,10 +82,21 @@ def _federated(run: Path, summary: dict, rounds: list[dict]) -> RunSummary:
         minutes=sum(r["round_seconds"] for r in rounds) / 60,
         curve=[(r["round"], r["eval"]) for r in rounds if r.get("eval")],
         bytes_sent=int(summary.get("bytes_sent", 0)), bytes_received=int(summary.get("bytes_received", 0)),
-        dense_bytes=int(dense), epsilon=summary.get("epsilon"), settings=", ".join(flags))
+        dense_bytes=int(dense), epsilon=summary.get("epsilon"), settings=", ".join(flags),
+        link_minutes=_link_minutes(rounds, link_mbps))
 
 
-def _centralized(run: Path, summary: dict, history: list[dict]) -> RunSummary:
+def _link_minutes(rounds: list[dict], link_mbps: tuple[float, ...]) -> dict[str, float]:
+    """Minutes of all rounds per line rate: as recorded, and modelled from the recorded bytes for
+    the rates asked for here."""
+    per_round = [{**r.get("round_seconds_on_link", {}), **link_record(r, link_mbps).get("round_seconds_on_link", {})}
+                 for r in rounds]
+    rates = {key for seconds in per_round for key in seconds}
+    return {key: sum(seconds[key] for seconds in per_round) / 60
+            for key in sorted(rates, key=float) if all(key in seconds for seconds in per_round)}
+
+
+def _centralized(run: Path, summary: dict, history: list[dict], link_mbps: tuple[float, ...]) -> RunSummary:
     training = summary.get("training", {})
     return RunSummary(
         name=run.name, mode="centralized", steps=len(history), last=summary.get("last", {}),
@@ -98,9 +112,12 @@ def _megabytes(value: int | None) -> str:
 
 
 def markdown_table(runs: list[RunSummary]) -> str:
-    """One row per run: last-step held-out metrics, the best stage macro-F1, bytes and time."""
+    """One row per run: last-step held-out metrics, the best stage macro-F1, bytes and time (also
+    on each modelled hospital link)."""
+    rates = sorted({key for r in runs for key in r.link_minutes}, key=float)
     head = ("| run | mode | settings | rounds/epochs | accuracy | AUC | stage macro-F1 | best F1 (at) "
-            "| MB to sites | MB from sites | compression | worst ε | minutes |")
+            "| MB to sites | MB from sites | compression | worst ε | minutes |"
+            + "".join(f" minutes at {key} Mbit/s |" for key in rates))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         last = r.last or {}
@@ -111,7 +128,8 @@ def markdown_table(runs: list[RunSummary]) -> str:
                  f"{last['stage_macro_f1']:.3f}" if "stage_macro_f1" in last else "–",
                  f"{r.best.get('stage_macro_f1', float('nan')):.3f} ({r.best_step})" if r.best else "–",
                  _megabytes(r.bytes_sent), _megabytes(r.bytes_received), ratio,
-                 f"{r.epsilon:.2f}" if r.epsilon is not None else "–", f"{r.minutes:.1f}"]
+                 f"{r.epsilon:.2f}" if r.epsilon is not None else "–", f"{r.minutes:.1f}",
+                 *(f"{r.link_minutes[key]:.1f}" if key in r.link_minutes else "–" for key in rates)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -15,6 +15,7 @@ from fedlite.atomic import atomic_write_text
 from fedlite.data.holdout import DEFAULT_VAL_FRACTION
 from fedlite.data.manifest import DEFAULT_STAGE_NAMES
 from fedlite.errors import InputError
+from fedlite.federated.link_model import parse_link_mbps
 
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 RUN_CONFIG = "run_config.json"  # a run directory's settings, so ``--resume`` continues exactly that run
@@ -67,6 +68,8 @@ class FederatedConfig:
     # edge fine-tuning: train only the head of this bundle on the sites' cached embeddings
     edge_bundle: str = ""
     sign_key: str = ""  # the coordinator's Ed25519 private key: the fine-tuned bundle is signed with it
+    # the round records' link model: transfer time of the measured bytes at these rates ("20,100" Mbit/s)
+    link_mbps: str = ""
     # misc
     seed: int = 0
     device: str = "auto"
@@ -91,9 +94,14 @@ class FederatedConfig:
             raise InputError(f"the site validation fraction must be in [0, 1), got {self.site_val_fraction}")
         if not all(self.stages):
             raise InputError(f"stage names must be non-empty and comma-separated, got {self.stage_names!r}")
+        parse_link_mbps(self.link_mbps)
         if self.dp and self.proximal_mu > 0:
             raise InputError("FedProx's proximal term is not supported together with DP-SGD",
                              hint="drop --proximal-mu or --dp")
+
+    @property
+    def link_rates(self) -> tuple[float, ...]:
+        return parse_link_mbps(self.link_mbps)
 
     @property
     def stages(self) -> list[str]:
@@ -111,7 +119,8 @@ class FederatedConfig:
 
     def site_settings(self) -> dict:
         """The settings sites need; the coordinator's own paths stay with it."""
-        return {k: v for k, v in self.to_flat().items() if k not in ("split-dir", "out", "server-test", "sign-key")}
+        return {k: v for k, v in self.to_flat().items()
+                if k not in ("split-dir", "out", "server-test", "sign-key", "link-mbps")}
 
     def write_run_config(self, run_dir: Path) -> None:
         atomic_write_text(Path(run_dir) / RUN_CONFIG, json.dumps(self.to_flat(), indent=2) + "\n")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fedlite.atomic import json_text
 from fedlite.federated.aggregate import Rejection, SiteUpdate, aggregate, update_norm
 from fedlite.federated.config import FederatedConfig
+from fedlite.federated.link_model import link_record
 from fedlite.federated.params import to_record
 from fedlite.federated.rounds import RoundReplies, sample_sites, update_round, wait_for_nodes
 
@@ -107,6 +108,7 @@ def run_rounds(grid: Grid, job: UpdateJob, cfg: FederatedConfig, rounds: range, 
         end = time.perf_counter()
         row.update(round_timing(accepted, wall_start, aggregate_start - start, eval_start - aggregate_start,
                                 end - eval_start))
+        row.update(link_record(row, cfg.link_rates))
         job.save(server_round, row)
         history.append(row)
         append_row(log_path, row)
