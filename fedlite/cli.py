@@ -143,6 +143,8 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
 @click.option("--dp-delta", default=1e-5, show_default=True, help="DP δ.")
 @click.option("--compress", is_flag=True, help="Send top-k + int8 updates with error feedback.")
 @click.option("--topk", default=0.1, show_default=True, help="Share of update entries sent with --compress.")
+@click.option("--compress-downlink", is_flag=True, help="Send the global model as top-k + int8 changes since the "
+              "version each site holds (error feedback at the coordinator) instead of whole every round.")
 @click.option("--round-timeout", default=0.0, show_default=True,
               help="Seconds a round waits for sites (0: all); late updates are folded in later rounds.")
 @click.option("--max-staleness", default=2, show_default=True, help="Rounds a late update may lag.")
@@ -183,7 +185,8 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
           warmup: float, clip_grad_norm: float, pretrained_lr_scale: float, image_weights: Path | None,
           text_weights: Path | None, rounds: int, sites_per_round: int,
           freeze_rounds: int, strategy: str, proximal_mu: float, dp: bool, noise_multiplier: float,
-          max_grad_norm: float, dp_delta: float, compress: bool, topk: float, round_timeout: float,
+          max_grad_norm: float, dp_delta: float, compress: bool, topk: float, compress_downlink: bool,
+          round_timeout: float,
           max_staleness: int, staleness_decay: float, convergence_tol: float, aggregation: str,
           trim_fraction: float, eval_every: int,
           site_val_fraction: float, server_test: Path | None, resume_dir: Path | None,
@@ -198,8 +201,9 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
         raise click.UsageError("give --data (or --resume RUN_DIR)")
     if edge_bundle is not None and (centralized or resume_dir is not None):
         raise InputError("--edge fine-tunes a bundle federated from the start", hint="drop --centralized/--resume")
-    if centralized and link_mbps:
-        raise InputError("--link-mbps models the federated rounds' transfers", hint="drop --link-mbps or --centralized")
+    if centralized and (link_mbps or compress_downlink):
+        raise InputError("--link-mbps and --compress-downlink concern the federated rounds' transfers",
+                         hint="drop them or --centralized")
     if centralized:
         from fedlite.centralized import train_centralized
         from fedlite.training import TrainConfig
@@ -232,7 +236,7 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
             local_epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, gamma=gamma, proximal_mu=proximal_mu if strategy == "fedprox" else 0.0,
             dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
-            compress=compress, topk_fraction=topk, link_mbps=link_mbps, seed=seed, device=device,
+            compress=compress, topk_fraction=topk, compress_downlink=compress_downlink, link_mbps=link_mbps, seed=seed, device=device,
             image_weights=str(image_weights or ""), text_weights=str(text_weights or ""),
             edge_bundle=str(edge_bundle.resolve()) if edge_bundle else "",
             sign_key=str(sign_key.resolve()) if sign_key else "")

@@ -160,6 +160,27 @@ def test_simulated_run_records_rounds_bytes_and_checkpoints(tmp_path, synth_spli
         assert (tmp_path / "run" / name).is_file()
 
 
+def test_a_simulated_run_sends_the_model_as_changes_and_seeds_the_encoders_when_they_unfreeze(tmp_path,
+                                                                                              synth_split):
+    from fedlite.federated.simulation import run_federated_simulation
+
+    cfg = _cfg(synth_split.out_dir, tmp_path / "run", rounds=3, compress=True, compress_downlink=True,
+               topk_fraction=0.05)
+    summary = run_federated_simulation(cfg, progress=False)
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [sorted(r["sites"]) for r in rounds] == [["site-01", "site-02", "site-03"]] * 3, rounds
+    assert not any(r["rejected"] for r in rounds)
+    # round 1: the heads whole; round 2: the encoders join, seeded at the sites, so only changes travel
+    assert rounds[0]["downlink_compression_ratio"] == pytest.approx(1.0, rel=0.05)
+    assert rounds[1]["downlink_compression_ratio"] > 10 and rounds[2]["downlink_compression_ratio"] > 10
+    assert rounds[2]["bytes_sent_per_site"] * 10 < rounds[2]["dense_update_bytes"]
+    # the sites score the copy they hold, brought up to date by the evaluation's own changes
+    assert rounds[2]["federated_eval"]["bytes_sent"] * 10 < 3 * rounds[2]["dense_update_bytes"]
+    assert all(r["federated_eval"]["cases"] and r["eval"]["accuracy"] >= 0 for r in rounds)
+    assert 0 < rounds[2]["downlink_residual_norm"] < 1e3
+    assert 0 <= summary["last"]["accuracy"] <= 1
+
+
 def test_resume_after_the_server_process_is_killed(tmp_path, synth_split):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedlite.cli", "train", "--data", str(synth_split.out_dir), "--preset", "tiny",

@@ -26,12 +26,13 @@ from fedlite.data.loader import make_loader
 from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import from_record, frozen_fingerprint, set_arrays, trainable_names
+from fedlite.federated.downlink import received_parameters
+from fedlite.federated.params import frozen_fingerprint, get_arrays, set_arrays, trainable_names
 from fedlite.federated.preflight import check_own_data, data_check_reply
 from fedlite.federated.site import site_paths
 from fedlite.federated.site_guard import guarded
 from fedlite.federated.site_update import local_update, stats_reply, update_reply
-from fedlite.federated.task import cached_dataset, cached_model
+from fedlite.federated.task import build_initial_model, cached_dataset, cached_model
 from fedlite.training import predict, resolve_device
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,23 @@ def _prepare_model(cfg: FederatedConfig, num_stages: int, trainable: list[str], 
     return model
 
 
-def global_model(msg: Message, cfg: FederatedConfig):
+def global_model(msg: Message, cfg: FederatedConfig, context: Context):
     """The site's model holding the global parameters of ``msg``: its frozen part rebuilt locally
-    (and proven equal to the server's by the fingerprint), the trainable part from the message."""
+    (and proven equal to the server's by the fingerprint), the trainable part from the message (or
+    from the site's copy of it, brought up to date by the message: ``fedlite.federated.downlink``)."""
     flat = dict(msg.content["config"])
     num_stages = int(flat["num-stages"])
     frozen = cfg.encoders_frozen(int(flat["server-round"]))
     trainable = trainable_names(cached_model(cfg, num_stages), frozen)
     model = _prepare_model(cfg, num_stages, trainable, str(flat["frozen-fingerprint"]))
-    global_arrays = from_record(msg.content["arrays"])
+
+    def own_values(names: list[str]):
+        """Tensors that join the model that travels hold their initial values: the model in use still
+        has them unless another simulated site in this process trained it; a fresh one always does."""
+        yield get_arrays(model, names)
+        yield get_arrays(build_initial_model(cfg, num_stages), names)
+
+    global_arrays = received_parameters(msg, context, own_values)
     if set(global_arrays) != set(trainable):
         raise InputError(f"the server sent {len(global_arrays)} tensors, expected {len(trainable)}")
     set_arrays(model, global_arrays)
@@ -70,7 +79,7 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
     cfg = FederatedConfig.from_flat(flat)
     server_round = int(flat["server-round"])
     data_dir = site_paths(context, split_dir).data_dir
-    model, global_arrays = global_model(msg, cfg)
+    model, global_arrays = global_model(msg, cfg, context)
 
     dataset = cached_dataset(data_dir, cfg, model, "train")
     dataset.seed = cfg.seed + 7919 * server_round  # fresh augmentations every round, still reproducible
@@ -85,7 +94,7 @@ def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None =
     start = time.perf_counter()
     cfg = FederatedConfig.from_flat(dict(msg.content["config"]))
     data_dir = site_paths(context, split_dir).data_dir
-    model, _ = global_model(msg, cfg)
+    model, _ = global_model(msg, cfg, context)
     dataset = cached_dataset(data_dir, cfg, model, "val")
     if len(dataset):
         probabilities = predict(model, make_loader(dataset, cfg.batch_size, shuffle=False), resolve_device(cfg.device))

@@ -65,6 +65,7 @@ class FederatedConfig:
     # update compression
     compress: bool = False
     topk_fraction: float = 0.1
+    compress_downlink: bool = False  # the global model travels as compressed changes since each site's copy
     # edge fine-tuning: train only the head of this bundle on the sites' cached embeddings
     edge_bundle: str = ""
     sign_key: str = ""  # the coordinator's Ed25519 private key: the fine-tuned bundle is signed with it

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from fedlite.atomic import json_text
 from fedlite.federated.aggregate import Rejection, SiteUpdate, aggregate, update_norm
 from fedlite.federated.config import FederatedConfig
+from fedlite.federated.downlink import DownlinkStream
 from fedlite.federated.link_model import link_record
 from fedlite.federated.params import to_record
 from fedlite.federated.rounds import RoundReplies, sample_sites, update_round, wait_for_nodes
@@ -35,6 +36,7 @@ class UpdateJob:
     """What one kind of federated training contributes to the shared loop."""
 
     message_type = "train"  # or "train.<job>", routed to the sites' handler for that job
+    downlink: DownlinkStream | None = None  # set: the parameters travel as compressed changes
 
     def parameters(self, server_round: int) -> dict[str, np.ndarray]:
         """The global arrays the sites start this round from (and send deltas of)."""
@@ -63,7 +65,8 @@ class RoundExchange:
     rejected: list[Rejection]
     replies: RoundReplies
     sampled: list[int]
-    bytes_per_site: int
+    bytes_sent: dict[int, int]  # node → bytes of its message's parameters
+    dense_bytes: int  # the parameters as one dense message
     shapes: dict[str, tuple[int, ...]]
 
 
@@ -85,11 +88,16 @@ def run_rounds(grid: Grid, job: UpdateJob, cfg: FederatedConfig, rounds: range, 
         sampled = sample_sites(nodes, cfg.sites_per_round, rng)
         arrays = job.parameters(server_round)
         shapes = {n: tuple(a.shape) for n, a in arrays.items()}
-        record = to_record(arrays)
-        content = RecordDict({"arrays": record, "config": ConfigRecord(job.settings(server_round))})
+        contents, versions = round_messages(job, arrays, job.settings(server_round), sampled)
         max_norm = cfg.max_update_ratio * max(update_norm(arrays), 1.0)
-        accepted, rejected, replies = update_round(grid, sampled, content, shapes, outstanding, server_round,
-                                                   cfg.round_timeout, cfg.max_staleness, job.message_type, max_norm)
+        accepted, rejected, replies = update_round(grid, contents, shapes, outstanding, server_round,
+                                                   cfg.round_timeout, cfg.max_staleness, job.message_type, max_norm,
+                                                   versions)
+        if job.downlink is not None:
+            for node, version in replies.delivered.items():
+                job.downlink.delivered(node, version)
+            for node in replies.failed_nodes:
+                job.downlink.forget(node)
         aggregate_start = time.perf_counter()
         step, refused = None, None
         if accepted:
@@ -100,8 +108,9 @@ def run_rounds(grid: Grid, job: UpdateJob, cfg: FederatedConfig, rounds: range, 
                 step = update_norm(delta)
             else:
                 log.error("round %d: the averaged update is not applied: %s", server_round, refused)
-        row = round_record(server_round, RoundExchange(accepted, rejected, replies, sampled, record.count_bytes(),
-                                                       shapes), step)
+        sent = {node: content["arrays"].count_bytes() for node, content in contents.items()}
+        row = round_record(server_round, RoundExchange(accepted, rejected, replies, sampled, sent,
+                                                       int(sum(a.nbytes for a in arrays.values())), shapes), step)
         row["step_refused"] = refused
         eval_start = time.perf_counter()
         job.evaluate(server_round, row, nodes)
@@ -120,6 +129,27 @@ def run_rounds(grid: Grid, job: UpdateJob, cfg: FederatedConfig, rounds: range, 
     return history
 
 
+def round_messages(job: UpdateJob, arrays: dict[str, np.ndarray], settings: dict,
+                   sampled: list[int]) -> tuple[dict[int, RecordDict], dict[int, int] | None]:
+    """Each sampled node's message: the same dense parameters for all, or (with a downlink stream)
+    what brings each node from the version it holds to the newest; and the version each carries."""
+    if job.downlink is None:
+        record = to_record(arrays)
+        return {node: RecordDict({"arrays": record, "config": ConfigRecord(settings)}) for node in sampled}, None
+    return downlink_messages(job.downlink, arrays, settings, sampled), {node: job.downlink.version for node in sampled}
+
+
+def downlink_messages(stream: DownlinkStream, arrays: dict[str, np.ndarray], settings: dict,
+                      nodes: list[int]) -> dict[int, RecordDict]:
+    """A new version of the stream towards ``arrays``, and each node's message up to it."""
+    stream.advance(arrays)
+    contents = {}
+    for node in nodes:
+        node_arrays, downlink = stream.message_for(node)
+        contents[node] = RecordDict({"arrays": to_record(node_arrays), "config": ConfigRecord({**settings, **downlink})})
+    return contents
+
+
 def non_finite_result(arrays: dict[str, np.ndarray], delta: dict[str, np.ndarray]) -> str | None:
     """Why adding ``delta`` would leave a parameter NaN or Inf (each update was finite, their sum
     or its sum with the model can still overflow), or None."""
@@ -135,14 +165,16 @@ def round_record(server_round: int, exchange: RoundExchange, step_norm: float | 
     update's loss and size, bytes each way, the sites' own costs."""
     accepted, replies = exchange.accepted, exchange.replies
     dense = int(sum(np.prod(s) for s in exchange.shapes.values()) * 4)
-    received = sum(replies.bytes_received.values())
+    received, sent = sum(replies.bytes_received.values()), sum(exchange.bytes_sent.values())
     row = {
         "round": server_round, "sites": [u.site for u in accepted], "rejected": [r.__dict__ for r in exchange.rejected],
         "late_dropped": replies.late_dropped, "stale_folded": [u.site for u in accepted if u.staleness > 0],
         "train_loss": float(np.average([u.metrics["train-loss"] for u in accepted],
                                        weights=[u.num_examples for u in accepted])) if accepted else None,
         "update_norm": step_norm,
-        "bytes_sent_per_site": exchange.bytes_per_site, "bytes_sent": exchange.bytes_per_site * len(exchange.sampled),
+        # the largest message to one site (all alike unless the parameters travel as changes)
+        "bytes_sent_per_site": max(exchange.bytes_sent.values(), default=0), "bytes_sent": sent,
+        "downlink_compression_ratio": exchange.dense_bytes * len(exchange.bytes_sent) / sent if sent else None,
         "bytes_received": replies.bytes_received, "dense_update_bytes": dense,
         "compression_ratio": dense * len(replies.bytes_received) / received if received else None,
         "samples_trained": int(sum(u.metrics.get("samples", 0) for u in accepted)),

@@ -41,6 +41,7 @@ class Outstanding:
     node_id: int
     server_round: int
     shapes: dict[str, tuple[int, ...]]
+    downlink_version: int | None = None  # the version of the global model the message brought
 
 
 @dataclass
@@ -49,6 +50,8 @@ class RoundReplies:
     rejected: list[Rejection] = field(default_factory=list)
     bytes_received: dict[str, int] = field(default_factory=dict)
     late_dropped: list[str] = field(default_factory=list)
+    delivered: dict[int, int] = field(default_factory=dict)  # node → downlink version it answered from
+    failed_nodes: list[int] = field(default_factory=list)  # nodes whose job failed: what they hold is unknown
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
@@ -68,15 +71,21 @@ def sample_sites(nodes: list[int], per_round: int, rng: np.random.Generator) -> 
     return sorted(nodes[i] for i in rng.choice(len(nodes), size=k, replace=False))
 
 
-def push(grid: Grid, content: RecordDict, nodes: list[int], message_type: str) -> list[str]:
-    return list(grid.push_messages([Message(content, dst_node_id=n, message_type=message_type) for n in nodes]))
+def push(grid: Grid, content: RecordDict | dict[int, RecordDict], nodes: list[int], message_type: str) -> list[str]:
+    """One message per node: the same ``content`` for all, or each node's own."""
+    def for_node(node: int) -> RecordDict:
+        return content[node] if isinstance(content, dict) else content
+    return list(grid.push_messages([Message(for_node(n), dst_node_id=n, message_type=message_type) for n in nodes]))
 
 
 def _parse_update(msg: Message, sent: Outstanding, server_round: int, replies: RoundReplies) -> None:
     site = reply_site(msg, sent.node_id)
     if msg.has_error():
         replies.rejected.append(Rejection(site, site_failure(msg)))
+        replies.failed_nodes.append(sent.node_id)
         return
+    if sent.downlink_version is not None:  # it answered, so it applied the message's parameters
+        replies.delivered[sent.node_id] = max(sent.downlink_version, replies.delivered.get(sent.node_id, -1))
     try:
         raw = reply_arrays(msg)
         replies.bytes_received[site] = msg.content["arrays"].count_bytes()
@@ -140,15 +149,17 @@ def accept_updates(replies: RoundReplies, shapes: dict[str, tuple[int, ...]], se
     return accepted, rejected
 
 
-def update_round(grid: Grid, sampled: list[int], content: RecordDict, shapes: dict[str, tuple[int, ...]],
+def update_round(grid: Grid, contents: dict[int, RecordDict], shapes: dict[str, tuple[int, ...]],
                  outstanding: dict[str, Outstanding], server_round: int, timeout: float, max_staleness: int,
-                 message_type: str = "train",
-                 max_norm: float = math.inf) -> tuple[list[SiteUpdate], list[Rejection], RoundReplies]:
-    """One round of an update job: push ``content`` to the sampled sites, collect until the deadline,
-    screen. ``outstanding`` carries late messages from round to round."""
-    ids = push(grid, content, sampled, message_type)
+                 message_type: str = "train", max_norm: float = math.inf,
+                 versions: dict[int, int] | None = None) -> tuple[list[SiteUpdate], list[Rejection], RoundReplies]:
+    """One round of an update job: push each sampled node its message in ``contents``, collect until
+    the deadline, screen. ``outstanding`` carries late messages from round to round; ``versions``:
+    the downlink version each message brings its node to."""
+    sampled = list(contents)
+    ids = push(grid, contents, sampled, message_type)
     for message_id, node in zip(ids, sampled):
-        outstanding[message_id] = Outstanding(node, server_round, shapes)
+        outstanding[message_id] = Outstanding(node, server_round, shapes, (versions or {}).get(node))
     replies = collect(grid, outstanding, server_round, set(ids), timeout, max_staleness)
     accepted, rejected = accept_updates(replies, shapes, server_round, max_norm)
     return accepted, rejected, replies
@@ -162,14 +173,18 @@ class QueryReplies:
     failed: list[Rejection] = field(default_factory=list)
     bytes_sent: int = 0
     seconds: float = 0.0
+    answered_nodes: list[int] = field(default_factory=list)  # nodes that answered without an error
+    failed_nodes: list[int] = field(default_factory=list)  # nodes whose job failed
 
 
-def ask_sites(grid: Grid, nodes: list[int], content: RecordDict, message_type: str,
+def ask_sites(grid: Grid, nodes: list[int], content: RecordDict | dict[int, RecordDict], message_type: str,
               timeout: float = QUERY_TIMEOUT) -> QueryReplies:
-    """Send one request to every site in ``nodes`` and wait (at most ``timeout`` seconds) for the replies."""
+    """Send one request (the same for all, or each node's own) to every site in ``nodes`` and wait
+    (at most ``timeout`` seconds) for the replies."""
     start = time.perf_counter()
     ids = dict(zip(push(grid, content, nodes, message_type), nodes))
-    pending, result = set(ids), QueryReplies(bytes_sent=_content_bytes(content) * len(nodes))
+    sent = sum(_content_bytes(content[n] if isinstance(content, dict) else content) for n in nodes)
+    pending, result = set(ids), QueryReplies(bytes_sent=sent)
     timeout = timeout if timeout > 0 else QUERY_TIMEOUT
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
@@ -181,7 +196,10 @@ def ask_sites(grid: Grid, nodes: list[int], content: RecordDict, message_type: s
             site = reply_site(msg, ids[message_id])
             if msg.has_error():
                 result.failed.append(Rejection(site, site_failure(msg)))
-            elif site in result.replies:
+                result.failed_nodes.append(ids[message_id])
+                continue
+            result.answered_nodes.append(ids[message_id])
+            if site in result.replies:
                 result.failed.append(Rejection(site, "a second site answered under this name"))
             else:
                 result.replies[site] = msg
@@ -222,13 +240,15 @@ class FederatedEvaluation:
     failed: list[Rejection]
     bytes_sent: int
     seconds: float
+    answered_nodes: list[int] = field(default_factory=list)
+    failed_nodes: list[int] = field(default_factory=list)
 
     def to_record(self) -> dict:
         return {"cases": self.cases, "failed": [f.__dict__ for f in self.failed], "bytes_sent": self.bytes_sent,
                 "seconds": self.seconds}
 
 
-def federated_evaluate(grid: Grid, nodes: list[int], content: RecordDict, num_stages: int,
+def federated_evaluate(grid: Grid, nodes: list[int], content: RecordDict | dict[int, RecordDict], num_stages: int,
                        timeout: float = QUERY_TIMEOUT, gamma: float = 1.0) -> FederatedEvaluation:
     """Every site scores the model in ``content`` on its validation part and sends statistics back;
     they are checked and summed into the consortium's metrics."""
@@ -238,4 +258,4 @@ def federated_evaluate(grid: Grid, nodes: list[int], content: RecordDict, num_st
     total = merge(list(stats.values()), num_stages)
     metrics = total.metrics(gamma) if total.cases else {}
     return FederatedEvaluation(total, metrics, {site: s.cases for site, s in stats.items()}, answered.failed,
-                               answered.bytes_sent, answered.seconds)
+                               answered.bytes_sent, answered.seconds, answered.answered_nodes, answered.failed_nodes)

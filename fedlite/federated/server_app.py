@@ -26,7 +26,8 @@ from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import LABEL_NAMES, read_dataset
 from fedlite.errors import InputError
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.engine import UpdateJob, run_rounds, summed_bytes
+from fedlite.federated.downlink import DownlinkStream
+from fedlite.federated.engine import UpdateJob, downlink_messages, run_rounds, summed_bytes
 from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, to_record, trainable_names
 from fedlite.federated.preflight import check_sites_data
 from fedlite.federated.rounds import QUERY_TIMEOUT, federated_evaluate
@@ -66,6 +67,7 @@ class TrainingJob(UpdateJob):
         self.device = device
         self.test_loader = _server_test_loader(cfg, tokenizer, model.config, cfg.stages)
         self.training_meta = {"mode": "federated", **cfg.to_flat()}
+        self.downlink = DownlinkStream(cfg.topk_fraction) if cfg.compress_downlink else None
         self._settings: tuple[int, dict] = (0, {})
 
     def _trainable(self, server_round: int) -> list[str]:
@@ -91,15 +93,28 @@ class TrainingJob(UpdateJob):
         row.update({"frozen_encoders": cfg.encoders_frozen(server_round), "lr": cfg.lr_for_round(server_round)})
         metrics = {}
         if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
-            content = RecordDict({"arrays": to_record(self.parameters(server_round)),
-                                  "config": ConfigRecord(self.settings(server_round))})
-            evaluation = federated_evaluate(self.grid, nodes, content, len(cfg.stages),
+            contents, version = self._evaluation_messages(server_round, nodes)
+            evaluation = federated_evaluate(self.grid, nodes, contents, len(cfg.stages),
                                             cfg.round_timeout or QUERY_TIMEOUT, cfg.gamma)
+            if self.downlink is not None:
+                row["downlink_residual_norm"] = self.downlink.residual_norm(self.parameters(server_round))
+                for node in evaluation.answered_nodes:
+                    self.downlink.delivered(node, version)
+                for node in evaluation.failed_nodes:
+                    self.downlink.forget(node)
             metrics = evaluation.metrics
             row["federated_eval"] = evaluation.to_record()
             if self.test_loader is not None:
                 row["server_test"] = evaluate_model(self.model, self.test_loader, self.device)
         row["eval"] = metrics
+
+    def _evaluation_messages(self, server_round: int, nodes: list[int]) -> tuple[RecordDict | dict, int | None]:
+        """The model to score: the same dense parameters for every site, or (downlink stream) each
+        site's changes up to the new version, so the sites score the copy they now hold."""
+        arrays, settings = self.parameters(server_round), self.settings(server_round)
+        if self.downlink is None:
+            return RecordDict({"arrays": to_record(arrays), "config": ConfigRecord(settings)}), None
+        return downlink_messages(self.downlink, arrays, settings, nodes), self.downlink.version
 
     def save(self, server_round: int, row: dict) -> None:
         """``last/`` every round, ``best/`` when the sites scored it best; then the progress file."""
