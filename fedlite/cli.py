@@ -199,6 +199,9 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
         raise InputError("--sign signs the bundle of an edge run", hint="add --edge BUNDLE, or drop --sign")
     if resume_dir is None and data_dir is None:
         raise click.UsageError("give --data (or --resume RUN_DIR)")
+    if edge_bundle is not None and compress_downlink:
+        raise InputError("--compress-downlink compresses the full model's rounds; an edge round sends only the "
+                         "bundle's head", hint="drop --compress-downlink")
     if edge_bundle is not None and (centralized or resume_dir is not None):
         raise InputError("--edge fine-tunes a bundle federated from the start", hint="drop --centralized/--resume")
     if centralized and (link_mbps or compress_downlink):
