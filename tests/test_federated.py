@@ -181,6 +181,14 @@ def test_a_simulated_run_sends_the_model_as_changes_and_seeds_the_encoders_when_
     assert 0 <= summary["last"]["accuracy"] <= 1
 
 
+
+def test_a_simulated_job_starts_once_every_site_of_the_split_is_connected(synth_split):
+    from fedlite.data.split import load_split
+    from fedlite.federated.simulation import simulate
+
+    seen = simulate(synth_split.out_dir, lambda grid: sorted(grid.get_node_ids()))
+    assert len(seen) == len(load_split(synth_split.out_dir).sites) == 3
+
 def test_resume_after_the_server_process_is_killed(tmp_path, synth_split):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedlite.cli", "train", "--data", str(synth_split.out_dir), "--preset", "tiny",

@@ -20,6 +20,7 @@ from fedlite.data.split import TEST, SplitSummary, load_split
 from fedlite.errors import InputError
 from fedlite.federated.client_app import make_client_app
 from fedlite.federated.config import FederatedConfig
+from fedlite.federated.rounds import wait_for_nodes
 from fedlite.federated.server_app import make_server_app
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,13 @@ def simulate(split_dir: str | Path, job: Callable[[Grid], object], site_defaults
     gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
     outcome: dict = {}
     log.info("simulating %d sites (%s)", len(split.sites), ", ".join(split.sites))
-    run_simulation(server_app=make_server_app(job, outcome),
+    def once_every_site_is_up(grid: Grid) -> object:
+        # simulated SuperNodes come online one by one: a job that started at the first would check,
+        # query or score only some of the split's sites
+        wait_for_nodes(grid, len(split.sites))
+        return job(grid)
+
+    run_simulation(server_app=make_server_app(once_every_site_is_up, outcome),
                    client_app=client_app or make_client_app(str(Path(split_dir).resolve()), site_defaults),
                    num_supernodes=len(split.sites), backend_config=backend_config(len(split.sites), gpus))
     if "error" in outcome:
