@@ -13,6 +13,7 @@ import click
 
 from fedlite import __version__
 from fedlite.errors import InputError
+from fedlite.log_setup import setup_logging
 
 
 class FedliteGroup(click.Group):
@@ -26,21 +27,12 @@ class FedliteGroup(click.Group):
             sys.exit(2)
 
 
-def _setup_logging(verbose: bool) -> None:
-    # fedlite logs at INFO; libraries (onnxruntime's quantizer logs on the root logger) only warn.
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("fedlite").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("urllib3", "matplotlib", "PIL", "filelock", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 @click.group(cls=FedliteGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fedlite")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Federated multimodal leukemia diagnosis: blood-smear image + clinical note -> leukemia and stage."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @main.group(cls=FedliteGroup)

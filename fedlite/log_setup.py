@@ -1,0 +1,46 @@
+"""What reaches the user's terminal: fedlite's own progress and results, and from the libraries
+only what needs their attention. ``-v`` shows everything, Flower's and Ray's debug lines included."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+NOISY_LOGGERS = ("urllib3", "matplotlib", "PIL", "filelock", "alembic")
+# Flower announces that its simulation entry point is deprecated on every run, and Ray a change of
+# its GPU-visibility default when an actor asks for no GPU: neither is for a fedlite user to act on.
+FLOWER_NOTICES = ("DEPRECATED FEATURE: The `run_simulation` function",)
+RAY_NOTICES = ("Tip: In future versions of Ray, Ray will no longer override accelerator",)
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(self.starts)
+
+
+def setup_logging(verbose: bool) -> None:
+    """fedlite logs at INFO; libraries (onnxruntime's quantizer logs on the root logger) only warn."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("fedlite").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    flower = logging.getLogger("flwr")
+    if verbose:
+        flower.setLevel(logging.DEBUG)
+        flower.propagate = True
+        return
+    # Flower logs at DEBUG through a console handler of its own and also passes every record on to
+    # the root logger: once, at WARNING, through its own handler is enough.
+    flower = logging.getLogger("flwr")
+    flower.setLevel(logging.WARNING)
+    flower.propagate = False
+    if not any(isinstance(f, _DropNotices) for f in flower.filters):
+        flower.addFilter(_DropNotices(FLOWER_NOTICES))
+    for notice in RAY_NOTICES:
+        warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
