@@ -84,7 +84,8 @@ def main(out: Path | None, inputs: int) -> None:
             quantize_graph(graph, int8, QuantSettings(mode="static", isa=isa), lambda: iter(small_graph_feeds()))
             errors = relative_errors(graph, int8, tests)
             result["presets"][isa] = {"weights_activations": "/".join(ISA_PRESETS[isa]),
-                                      "max_relative_error": max(errors), "median_relative_error": float(np.median(errors))}
+                                      "max_relative_error": max(errors),
+                                      "median_relative_error": float(np.median(errors))}
     text = json.dumps(result, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

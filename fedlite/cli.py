@@ -231,7 +231,8 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
             local_epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, gamma=gamma, proximal_mu=proximal_mu if strategy == "fedprox" else 0.0,
             dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
-            compress=compress, topk_fraction=topk, compress_downlink=compress_downlink, link_mbps=link_mbps, seed=seed, device=device,
+            compress=compress, topk_fraction=topk, compress_downlink=compress_downlink, link_mbps=link_mbps,
+            seed=seed, device=device,
             image_weights=str(image_weights or ""), text_weights=str(text_weights or ""),
             edge_bundle=str(edge_bundle.resolve()) if edge_bundle else "",
             sign_key=str(sign_key.resolve()) if sign_key else "")

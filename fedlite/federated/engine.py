@@ -146,7 +146,8 @@ def downlink_messages(stream: DownlinkStream, arrays: dict[str, np.ndarray], set
     contents = {}
     for node in nodes:
         node_arrays, downlink = stream.message_for(node)
-        contents[node] = RecordDict({"arrays": to_record(node_arrays), "config": ConfigRecord({**settings, **downlink})})
+        contents[node] = RecordDict({"arrays": to_record(node_arrays),
+                                     "config": ConfigRecord({**settings, **downlink})})
     return contents
 
 
