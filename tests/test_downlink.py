@@ -10,9 +10,10 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from fedlite.errors import InputError
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.downlink import BASE, FULL, DownlinkStream, apply_downlink, received_parameters
-from fedlite.federated.engine import UpdateJob, run_rounds
+from fedlite.federated.engine import run_rounds
 from fedlite.federated.params import to_record
 from fake_sites import TARGETS, ReplyingGrid, offline_messages  # noqa: F401 (fixture)
+from test_engine import _ToyJob
 
 RNG = np.random.default_rng(0)
 SIZE = 3000
@@ -136,24 +137,18 @@ class _DownlinkSites(ReplyingGrid):
                            "info": ConfigRecord({"site": site})})
 
 
-class _WideJob(UpdateJob):
-    def __init__(self, downlink):
+class _WideJob(_ToyJob):
+    """The engine tests' toy job with a parameter wide enough for top-k to be sparse."""
+
+    def __init__(self, log_path, downlink):
+        super().__init__(log_path)
         self.w, self.downlink = np.zeros(SIZE, np.float32), downlink
-
-    def parameters(self, server_round):
-        return {"w": self.w}
-
-    def settings(self, server_round):
-        return {"server-round": server_round}
-
-    def apply(self, delta):
-        self.w = self.w + delta["w"]
 
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_the_loop_sends_changes_and_reaches_the_same_model(tmp_path, compressed):
     cfg = FederatedConfig(rounds=60, min_sites=3, round_timeout=5.0, max_update_ratio=1e6, max_site_share=1.0)
-    job, grid = _WideJob(DownlinkStream(0.1) if compressed else None), _DownlinkSites()
+    job, grid = _WideJob(tmp_path / "r.jsonl", DownlinkStream(0.1) if compressed else None), _DownlinkSites()
     rows = run_rounds(grid, job, cfg, range(1, 61), np.random.default_rng(0), tmp_path / "r.jsonl", "toy", False)
     fedavg = sum(c * t for _, c, t in TARGETS.values()) / sum(c for _, c, _ in TARGETS.values())
     assert job.w == pytest.approx(np.full(SIZE, fedavg), abs=1e-2)
