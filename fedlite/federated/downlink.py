@@ -83,6 +83,7 @@ class DownlinkStream:
             self.reference[name] = np.array(target[name], dtype=np.float32)
         changed = {n: np.asarray(target[n], np.float32) - self.reference[n] for n in target}
         encoded, _ = encode_update(changed, None, self.topk_fraction)
+        # θ̂ advances by the decoded change, the sites' own arithmetic, so both copies round alike
         for name, step in decode_update(encoded).items():
             self.reference[name] += step
         self.version += 1
