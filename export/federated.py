@@ -344,7 +344,8 @@ def export_at_sites(grid: Grid, checkpoint: str | Path, out: str | Path, options
 def export_simulated(checkpoint: str | Path, out: str | Path, options: ExportOptions, sites: str | Path,
                      run: FederatedConfig = EXPORT_RUN, force: bool = False) -> ExportResult:
     """``export_at_sites`` over a split's sites simulated on this machine (Flower's simulation
-    runtime); the sites keep the teacher and the bundle under test in a cache of their own."""
+    runtime); the simulated sites share one cache for the teacher and the bundle under test, and may
+    write the same file at once: the first copy published is the one kept."""
     from fedlite.federated.simulation import simulate
 
     with tempfile.TemporaryDirectory(prefix="fedlite-site-cache-") as cache:

@@ -90,6 +90,26 @@ def staged_dir(final: str | Path, force: bool = True, what: str = "output") -> I
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def published_once(final: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``final`` that becomes ``final`` unless another writer
+    published it first: for content-addressed directories, where every writer's copy is the same
+    and concurrent writers (sites sharing one cache) must not fail each other. An existing
+    ``final`` is left to the caller to check."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)  # refuses a non-empty final: the first writer's copy stays
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def recover_staged(final: str | Path) -> bool:
     """Finish a replacement of ``final`` that a crash interrupted between its two renames: the new
     complete directory is put in place, else the old one is restored. True if one was."""

@@ -1,10 +1,13 @@
 """What the coordinator ships to sites (a teacher, a bundle under test) is kept only if it matches its digest."""
 
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from fedlite.atomic import published_once
 from fedlite.errors import InputError
 from fedlite.federated.shipped_files import cached_shipment, pack_files
 
@@ -43,3 +46,26 @@ def test_changed_bytes_a_missing_shipment_and_odd_names_are_refused(shipment, tm
     (path / "config.json").write_text("changed on disk")
     with pytest.raises(InputError, match="holds no teacher"):  # a cached copy changed since is not used
         cached_shipment(tmp_path / "cache", "teacher", digest)
+
+
+def test_sites_sharing_a_cache_can_write_one_shipment_at_once(shipment, tmp_path):
+    arrays, digest = shipment
+    cache = tmp_path / "cache"
+    target = cache / f"teacher-{digest[:32]}"
+    with published_once(target) as staged:  # another site publishes while this one writes
+        (staged / "config.json").write_text("second copy")
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("first copy")
+    assert (target / "config.json").read_text() == "first copy"
+    assert [p.name for p in cache.iterdir()] == [target.name]  # the second copy is cleaned up
+
+    barrier = threading.Barrier(8)
+
+    def write(_):
+        barrier.wait()
+        return cached_shipment(tmp_path / "shared", "teacher", digest, arrays)
+
+    with ThreadPoolExecutor(8) as pool:
+        paths = set(pool.map(write, range(8)))
+    assert len(paths) == 1 and (paths.pop() / "config.json").read_text() == '{"format": "x"}'
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == [target.name]

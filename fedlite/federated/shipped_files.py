@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlite.atomic import owner_only_dir, staged_dir
+from fedlite.atomic import owner_only_dir, published_once, staged_dir
 from fedlite.errors import InputError
 
 MAX_FILES = 64
@@ -72,8 +72,13 @@ def cached_shipment(cache_dir: str | Path, kind: str, digest: str,
         raise InputError(f"the shipped {kind} does not match its digest {digest[:12]}",
                          hint="it was changed in transit; the coordinator must send it again")
     owner_only_dir(cache_dir)
-    with staged_dir(target, force=True, what=kind) as staged:
+    # a damaged copy is replaced; otherwise the first of several sites writing it at once wins
+    writing = staged_dir(target, force=True, what=kind) if target.exists() else published_once(target)
+    with writing as staged:
         for name, value in arrays.items():
             (staged / name).write_bytes(value.tobytes())
             os.chmod(staged / name, 0o600)
+    if not _verified(target, digest):
+        raise InputError(f"the cached {kind} does not match its digest {digest[:12]}", path=target,
+                         hint="another process is writing this cache; restart the job")
     return target
