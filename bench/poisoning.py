@@ -31,10 +31,11 @@ def poisoning_client_app(split_dir: str, attacker: str, factor: float):
     """The product's site handlers, except that ``attacker``'s training replies carry ``-factor · Δ``."""
     from flwr.clientapp import ClientApp
 
-    from fedlite.federated.client_app import check_site_data, evaluate_site, train_site
-    from fedlite.federated.params import from_record, to_record
+    from fedlite.federated.client_app import check_site_data
+    from fedlite.federated.records import from_record, to_record
     from fedlite.federated.site import site_paths
     from fedlite.federated.site_guard import guarded
+    from fedlite.federated.site_training import evaluate_site, train_site
 
     app = ClientApp()
 

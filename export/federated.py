@@ -48,7 +48,8 @@ from fedlite.export.prune import (Importance, PruneConfig, count_parameters, des
 from fedlite.export.quantize import QuantSettings, prepare_graph
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, append_row, run_rounds, summed_bytes
-from fedlite.federated.params import add_to_params, get_arrays, to_record
+from fedlite.federated.params import add_to_params, get_arrays
+from fedlite.federated.records import to_record
 from fedlite.federated.preflight import check_sites_data
 from fedlite.federated.replies import reply_arrays, reply_metrics
 from fedlite.federated.rounds import QUERY_TIMEOUT, T, ask_sites, read_replies, wait_for_nodes

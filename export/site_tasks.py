@@ -30,7 +30,8 @@ from fedlite.errors import InputError
 from fedlite.export.distill import DistillConfig, distill, distillation_loss
 from fedlite.export.parity_stats import ParityStats
 from fedlite.export.prune import apply_architecture, score_importance
-from fedlite.federated.params import set_arrays, to_record
+from fedlite.federated.params import set_arrays
+from fedlite.federated.records import to_record
 from fedlite.federated.shipped_files import cached_shipment
 from fedlite.federated.site import SitePaths, job_settings, received_arrays, site_paths
 from fedlite.federated.site_update import local_update, update_reply

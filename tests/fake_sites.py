@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedlite.federated.params import from_record, to_record
+from fedlite.federated.records import from_record, to_record
 
 TARGETS = {1: ("site-a", 10, 1.0), 2: ("site-b", 30, 3.0), 3: ("site-c", 60, -2.0)}
 

@@ -29,7 +29,7 @@ from flower_cli import register_node_key, write_connection
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 240.0  # seconds from `flwr run` to summary.json
-ROUND_TIMEOUT = 60.0  # seconds, the crash test's round deadline
+ROUND_TIMEOUT = 45.0  # seconds, the crash test's round deadline
 LOG_TAIL = 6000  # characters of each process log shown when a test fails
 
 pytestmark = pytest.mark.skipif(
@@ -339,27 +339,6 @@ def deploy(tmp_path):
 # ------------------------------------------------------------------------------------------ tests
 
 
-def test_deployment_with_tls_trains_and_evaluates_a_round_across_two_supernodes(deploy, tmp_path):
-    from fedlite.data.holdout import site_parts
-
-    sites = ["site-01", "site-02"]
-    deployment = deploy(sites)
-    out = tmp_path / "run"
-    run_id = flwr_run(deployment, out, **{"min-sites": 2})
-
-    summary = wait_for_summary(deployment, run_id, out)
-    assert summary["rounds"] == 1
-    history = rounds(out)
-    assert [h["round"] for h in history] == [1]
-    assert sorted(history[0]["sites"]) == sites, history[0]
-    assert not history[0]["rejected"], history[0]["rejected"]
-    # evaluated at the sites on their validation parts; the coordinator was given no test set
-    validation = {s: len(site_parts(deployment.split / s).val) for s in sites}
-    assert history[0]["federated_eval"]["cases"] == validation and "server_test" not in history[0]
-    assert history[0]["eval"]["cases"] == sum(validation.values()) > 0
-    assert (out / "best" / "model.safetensors").is_file()
-
-
 def test_deployment_exports_a_bundle_at_the_sites(deploy, teacher_run, tmp_path):
     from fedlite.export.bundle import verify_bundle
 
@@ -368,7 +347,7 @@ def test_deployment_exports_a_bundle_at_the_sites(deploy, teacher_run, tmp_path)
     out = tmp_path / "bundle"
     run_id = flwr_run(deployment, out, **{"min-sites": 2, "export-checkpoint": str(teacher_run[0]),
                                           "export-out": str(out), "export-distill-epochs": 1,
-                                          "export-recovery-epochs": 1, "export-prune": 0.5,
+                                          "export-prune": 0.0,  # pruning at sites: test_federated_export
                                           "export-min-agreement": 0.0, "export-min-leukemia-agreement": 0.0,
                                           "export-max-accuracy-drop": 100.0, "export-max-auc-drop": 1.0,
                                           "export-max-stage-f1-drop": 1.0, "export-min-auc": 0.0})

@@ -11,7 +11,7 @@ from fedlite.errors import InputError
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.downlink import BASE, FULL, DownlinkStream, apply_downlink, received_parameters
 from fedlite.federated.engine import run_rounds
-from fedlite.federated.params import to_record
+from fedlite.federated.records import to_record
 from fake_sites import TARGETS, ReplyingGrid, offline_messages  # noqa: F401 (fixture)
 from test_engine import _ToyJob
 

@@ -20,7 +20,7 @@ from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
 from fedlite.federated.compress import decode_update, is_encoded
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import from_record, to_record
+from fedlite.federated.records import from_record, to_record
 
 
 def test_embeddings_are_cached_per_encoder_version_and_data(teacher_bundle, teacher_run, tmp_path):

@@ -13,9 +13,10 @@ from fedlite.checkpoint import load_checkpoint
 from fedlite.data.holdout import site_parts
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.eval_stats import FIELDS, EvalStats
-from fedlite.federated.client_app import evaluate_site
+from fedlite.federated.site_training import evaluate_site
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import frozen_fingerprint, get_arrays, to_record, trainable_names
+from fedlite.federated.params import frozen_fingerprint, get_arrays, trainable_names
+from fedlite.federated.records import to_record
 from fedlite.federated.task import build_initial_model
 from fedlite.metrics import evaluate_predictions
 from fedlite.text import builtin_tokenizer

@@ -23,7 +23,8 @@ from fedlite.export.pipeline import ExportOptions
 from fedlite.export.prune import PruneConfig, describe_architecture
 from fedlite.export.student import make_student
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import get_arrays, to_record
+from fedlite.federated.params import get_arrays
+from fedlite.federated.records import to_record
 from fedlite.federated.shipped_files import pack_files
 from fedlite.text import TOKENIZER_FILE
 from fedlite.training import predict, resolve_device

@@ -15,7 +15,7 @@ from fake_sites import TARGETS, ReplyingGrid, Sites, offline_messages  # noqa: F
 from fedlite.eval_stats import EvalStats
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, run_rounds
-from fedlite.federated.params import to_record
+from fedlite.federated.records import to_record
 from fedlite.federated.rounds import federated_evaluate
 
 CFG = FederatedConfig(rounds=2, min_sites=3, round_timeout=5.0, max_update_ratio=1e6)

@@ -1,7 +1,8 @@
-"""Only registered hospitals join, and a registered one cannot poison the model: a real TLS SuperLink
-with SuperNode authentication (``--enable-supernode-auth``), three hospital agents whose keys the
-coordinator registered (``flwr supernode register``), one of which sends a crafted update, one agent
-whose key nobody registered, and a SuperNode with no key at all. Every process is stopped by PID."""
+"""Only registered hospitals join, a registered one cannot poison the model, and the round is
+evaluated at the sites: a real TLS SuperLink with SuperNode authentication
+(``--enable-supernode-auth``), two hospital agents whose keys the coordinator registered
+(``flwr supernode register``), one of which sends a crafted update, one agent whose key nobody
+registered, and a SuperNode with no key at all. Every process is stopped by PID."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from fedlite.agents.supernode import EXIT_UNAVAILABLE
 
 pytestmark = pytest.mark.skipif(not (BIN / "fedlite").exists(), reason="the fedlite console script is not installed")
 
-HONEST = ["site-01", "site-02"]
-HOSTILE = "site-03"
+HONEST = ["site-01"]
+HOSTILE = "site-02"
 # Loaded at the start of every Python process of the hostile hospital's agent, so its ClientApp
 # multiplies every update it sends by a million: the reply is well formed, its values are not.
 CRAFTED_UPDATE = '''
@@ -57,6 +58,8 @@ def test_only_registered_hospitals_join_and_a_crafted_update_is_rejected_and_nam
                                                                                   tmp_path):
     from safetensors.numpy import load_file
 
+    from fedlite.data.holdout import site_parts
+
     hostile_code = tmp_path / "hostile"
     hostile_code.mkdir()
     (hostile_code / "sitecustomize.py").write_text(CRAFTED_UPDATE)
@@ -73,7 +76,7 @@ def test_only_registered_hospitals_join_and_a_crafted_update_is_rejected_and_nam
     assert "[ApiError:2001]" in link_log  # the anonymous node's self-registration: disabled by node auth
 
     out = tmp_path / "run"
-    run_id = flwr_run(deployment, out, **{"min-sites": 3})
+    run_id = flwr_run(deployment, out, **{"min-sites": len(sites)})
     summary = wait_for_summary(deployment, run_id, out)
     assert summary["rounds"] == 1
     (row,) = rounds(out)
@@ -82,4 +85,8 @@ def test_only_registered_hospitals_join_and_a_crafted_update_is_rejected_and_nam
     assert rejection["site"] == HOSTILE and "norm" in rejection["reason"], rejection
     weights = load_file(str(out / "last" / "model.safetensors"))
     assert all(math.isfinite(float(abs(w).max())) for w in weights.values())
-    assert math.isfinite(row["eval"]["accuracy"])
+    # evaluated at the sites on their validation parts; the coordinator was given no test set
+    validation = {s: len(site_parts(deployment.split / s).val) for s in sites}
+    assert row["federated_eval"]["cases"] == validation and "server_test" not in row
+    assert row["eval"]["cases"] == sum(validation.values()) > 0 and math.isfinite(row["eval"]["accuracy"])
+    assert (out / "best" / "model.safetensors").is_file()

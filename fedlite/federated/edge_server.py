@@ -25,7 +25,7 @@ from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from fedlite.export.signing import SIGNATURE, load_private_key
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, run_rounds, summed_bytes
-from fedlite.federated.params import to_record
+from fedlite.federated.records import to_record
 from fedlite.federated.preflight import check_sites_data
 from fedlite.federated.rounds import QUERY_TIMEOUT, FederatedEvaluation, federated_evaluate, wait_for_nodes
 

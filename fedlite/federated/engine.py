@@ -26,7 +26,7 @@ from fedlite.federated.aggregate import Rejection, SiteUpdate, aggregate, update
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.downlink import DownlinkStream
 from fedlite.federated.link_model import link_record
-from fedlite.federated.params import to_record
+from fedlite.federated.records import to_record
 from fedlite.federated.rounds import RoundReplies, sample_sites, update_round, wait_for_nodes
 
 log = logging.getLogger(__name__)

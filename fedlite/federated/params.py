@@ -1,4 +1,4 @@
-"""Moving Fed-MMX parameters in and out of Flower records.
+"""Fed-MMX parameters as named numpy arrays, the form they travel in (``records``).
 
 Only what is trainable in a round travels: during the frozen-encoder rounds that is the fusion layer
 and the heads, not the encoders. Frozen weights are rebuilt locally by every site from the same
@@ -11,7 +11,6 @@ import hashlib
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
 
 from fedlite.model import FedMMX
 
@@ -52,11 +51,3 @@ def frozen_fingerprint(model: FedMMX, trainable: list[str]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
-
-
-def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}

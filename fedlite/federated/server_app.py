@@ -28,7 +28,8 @@ from fedlite.errors import InputError
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.downlink import DownlinkStream
 from fedlite.federated.engine import UpdateJob, downlink_messages, run_rounds, summed_bytes
-from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, to_record, trainable_names
+from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, trainable_names
+from fedlite.federated.records import to_record
 from fedlite.federated.preflight import check_sites_data
 from fedlite.federated.rounds import QUERY_TIMEOUT, federated_evaluate
 from fedlite.federated.task import build_initial_model, run_tokenizer

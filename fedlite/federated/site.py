@@ -18,7 +18,7 @@ from flwr.app import Context, Message
 
 from fedlite.errors import InputError
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import from_record
+from fedlite.federated.records import from_record
 
 NODE_CONFIG_HINT = "start the SuperNode with --node-config '{key}=\"/path\"' (`fedlite agent run` sets it)"
 

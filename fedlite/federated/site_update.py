@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from fedlite.eval_stats import EvalStats
 from fedlite.federated.compress import encode_update
 from fedlite.federated.config import FederatedConfig
-from fedlite.federated.params import from_record, get_arrays, to_record
+from fedlite.federated.params import get_arrays
+from fedlite.federated.records import from_record, to_record
 from fedlite.training import TrainConfig, train_local
 
 RESIDUAL = "fedlite-residual"
