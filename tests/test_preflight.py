@@ -66,3 +66,30 @@ def test_a_malformed_answer_counts_as_no_answer(problems):
     assert sorted(check_sites_data(grid, minimum=2, timeout=1)) == ["site-b", "site-c"]
     with pytest.raises(InputError, match="malformed data check"):
         check_sites_data(CheckingSites(forge=forge, forged=1), minimum=3, timeout=1)
+
+
+def test_a_site_checks_its_data_without_importing_torch(synth_split):
+    """A deployed site starts a ClientApp process per message: the data check that opens every run
+    loads none of the model's libraries."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from flwr.app import Context, Message, RecordDict, ConfigRecord\n"
+        "from flwr.supercore.task_identity import TaskIdentity\n"
+        "from fedlite.federated.client_app import check_site_data, make_client_app\n"
+        "TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1\n"
+        "make_client_app()\n"
+        f"context = Context(run_id=1, node_id=1, node_config={{'data-dir': {str(synth_split.out_dir / 'site-01')!r}}},"
+        " state=RecordDict(), run_config={})\n"
+        f"msg = Message(RecordDict({{'config': ConfigRecord({{}})}}), dst_node_id=1, message_type={MESSAGE_TYPE!r})\n"
+        "reply = check_site_data(msg, context)\n"
+        "print(json.dumps([dict(reply.content['metrics']),"
+        " [n for n in ('torch', 'timm', 'transformers') if n in sys.modules]]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert metrics["problems"] == 0 and metrics["num-examples"] > 0
+    assert heavy == []
