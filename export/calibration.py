@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +92,16 @@ def _check_edges(edges: Mapping[str, np.ndarray], tensors: list[str]) -> dict[st
     return checked
 
 
+def _private_copy(graph: Path, scratch: Path) -> Path:
+    """``graph`` in ``scratch``: a hard link where the file system allows one, else a copy."""
+    private = scratch / graph.name
+    try:
+        os.link(graph, private)
+    except OSError:
+        shutil.copyfile(graph, private)
+    return private
+
+
 def collect_statistics(graph: str | Path, feeds: Iterable[dict[str, np.ndarray]], operators: Sequence[str],
                        edges: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Run the site's own cases through ``graph`` and keep only per-tensor aggregates.
@@ -99,8 +111,10 @@ def collect_statistics(graph: str | Path, feeds: Iterable[dict[str, np.ndarray]]
     (from ``histogram_edges``) the site also counts each tensor's values on those fixed bins; values
     outside them land in the end bins.
     """
-    graph = Path(graph)
     with tempfile.TemporaryDirectory(prefix="fedlite-calibrate-") as scratch:
+        # onnxruntime writes an inferred copy beside the graph it calibrates; the shipped graph sits in
+        # a cache that other sites of a simulation read at the same time, so it is calibrated from here
+        graph = _private_copy(Path(graph), Path(scratch))
         minmax = create_calibrator(graph, list(operators), augmented_model_path=str(Path(scratch) / "minmax.onnx"),
                                    calibrate_method=CalibrationMethod.MinMax)
         histograms: dict[str, np.ndarray] = {}

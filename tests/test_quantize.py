@@ -121,6 +121,20 @@ def test_histograms_on_shared_edges_add_up_to_the_pooled_histogram(graph, prepar
     assert np.abs(fp32 - int8).max() < 0.1 * np.abs(fp32).max()
 
 
+def test_a_site_calibrates_without_writing_beside_the_shipped_graph(prepared, monkeypatch):
+    """Simulated sites share one cache: a file written beside the shipped graph (onnxruntime's
+    shape-inferred copy) would be another site's to trip over."""
+    import onnx
+
+    written, infer = [], onnx.shape_inference.infer_shapes_path
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes_path",
+                        lambda src, out, *a, **k: (written.append(Path(out)), infer(src, out, *a, **k))[1])
+    before = sorted(prepared.parent.iterdir())
+    collect_statistics(prepared, _feeds(2), OPERATORS)
+    assert written and all(path.parent != prepared.parent for path in written)
+    assert sorted(prepared.parent.iterdir()) == before
+
+
 def _good(prepared):
     return collect_statistics(prepared, _feeds(2), OPERATORS)
 
