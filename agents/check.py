@@ -16,9 +16,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedlite.agents.agent_config import AgentConfig, format_bytes, read_agent_config
+from fedlite.agents.agent_config import AgentConfig, read_agent_config
+from fedlite.agents.config_values import format_bytes
 from fedlite.agents.node_identity import require_node_identity
-from fedlite.agents.supernode import CONNECTED, UNREACHABLE, probe_config
+from fedlite.agents.superlink_probe import CONNECTED, UNREACHABLE, probe_config
 from fedlite.cpu_features import bundle_saturates_here
 from fedlite.errors import InputError, Problem
 

@@ -15,8 +15,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fedlite.agents.agent_config import (DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig,
-                                         config_from_mapping, render_agent_config, thread_environment)
+from fedlite.agents.agent_config import (DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, AgentConfig, config_from_mapping,
+                                         thread_environment)
+from fedlite.agents.config_toml import render_agent_config
 from fedlite.agents.node_identity import (REGISTER_HINT, default_public_key, load_node_identity,
                                           missing_identity_problem)
 from fedlite.agents.supernode import EXIT_CONFIG

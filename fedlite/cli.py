@@ -666,7 +666,7 @@ def bench(bundle: Path, teacher: Path | None, student_fp32: Path | None, data_di
           no_agent: bool, ram_budget: str | None, out: Path) -> None:
     """CPU latency, throughput and memory of BUNDLE beside the teacher baselines, accuracy beside speed;
     the agent's explanation and edge-round costs and its peak memory."""
-    from fedlite.agents.agent_config import parse_memory
+    from fedlite.agents.config_values import parse_memory
     from fedlite.bench.agent_bench import AgentBenchSettings
     from fedlite.bench.report import write_report
     from fedlite.bench.runner import BenchSettings, run_bench
@@ -796,8 +796,8 @@ def agent_run(config_path: Path, max_retries: int, initial_backoff: float, max_b
     import threading
 
     from fedlite.agents.agent_config import read_agent_config
-    from fedlite.agents.supernode import (EXIT_CONFIG, RetryPolicy, configure_agent_logging, run_agent,
-                                          stop_on_signals)
+    from fedlite.agents.supernode import EXIT_CONFIG, RetryPolicy, run_agent, stop_on_signals
+    from fedlite.log_setup import configure_agent_logging
 
     configure_agent_logging()
     agent_log = logging.getLogger("fedlite.agents.run")

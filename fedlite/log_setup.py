@@ -3,9 +3,12 @@ only what needs their attention. ``-v`` shows everything, Flower's and Ray's deb
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import warnings
+from typing import Iterator
 
 NOISY_LOGGERS = ("urllib3", "matplotlib", "PIL", "filelock", "alembic")
 # Flower announces that its simulation entry point is deprecated on every run, and Ray a change of
@@ -44,3 +47,30 @@ def setup_logging(verbose: bool) -> None:
         flower.addFilter(_DropNotices(FLOWER_NOTICES))
     for notice in RAY_NOTICES:
         warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
+
+
+@contextlib.contextmanager
+def quiet_site_processes() -> Iterator[None]:
+    """Simulated sites run in Ray's worker processes, which inherit this process's environment but
+    not its logging setup: unless the user asked for Flower's lines (``-v``), Flower there reports
+    errors only. Its actors otherwise announce their own shutdown, a WARNING, at the end of every
+    run. fedlite's own lines from the sites (a site's incident report) are not Flower's and stay."""
+    if logging.getLogger("flwr").isEnabledFor(logging.INFO) or "FLWR_LOG_LEVEL" in os.environ:
+        yield  # -v, logging left to the caller, or a level the user chose
+        return
+    os.environ["FLWR_LOG_LEVEL"] = "ERROR"
+    try:
+        yield
+    finally:
+        os.environ.pop("FLWR_LOG_LEVEL", None)
+
+
+def configure_agent_logging(stream=None) -> None:
+    """``fedlite agent run``: timestamped lines on stderr (journald keeps them), through the agent's
+    own logger, not the root's."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("fedlite.agents")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

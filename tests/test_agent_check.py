@@ -19,10 +19,10 @@ from typing import Iterator
 import pytest
 from click.testing import CliRunner
 
-from fedlite.agents.agent_config import (AgentConfig, NodeSettings, ResourceSettings, SiteSettings, SuperLinkSettings,
-                                         render_agent_config)
+from fedlite.agents.agent_config import AgentConfig, NodeSettings, ResourceSettings, SiteSettings, SuperLinkSettings
 from fedlite.agents.check import FAIL, OK, WARN, run_checks
-from fedlite.agents.supernode import CONNECTED, TLS_FAILED, UNREACHABLE, probe_superlink
+from fedlite.agents.config_toml import render_agent_config
+from fedlite.agents.superlink_probe import CONNECTED, TLS_FAILED, UNREACHABLE, probe_superlink
 from fedlite.cli import main
 from fedlite.export.bundle import seal_bundle
 from certificates import make_certificates

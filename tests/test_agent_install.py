@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from fedlite.agents.agent_config import (AgentConfig, NodeSettings, ResourceSettings, SiteSettings,
-                                         SuperLinkSettings, parse_memory, read_agent_config, render_agent_config,
-                                         render_node_config, toml_string)
+                                         SuperLinkSettings, read_agent_config)
+from fedlite.agents.config_toml import render_agent_config, render_node_config, toml_string
+from fedlite.agents.config_values import parse_memory
 from fedlite.agents.install import default_executable, plan_install, render_unit
 from fedlite.agents.node_identity import generate_node_key_pair
 from fedlite.agents.supernode import EXIT_CONFIG

@@ -200,7 +200,8 @@ def start_agent(deployment: Deployment, name: str, data_dir: Path, bundle: Path,
     """A hospital agent (`fedlite agent run`) from its own agent.toml, with its own node key pair,
     registered at the SuperLink as a coordinator would (``registered``)."""
     from fedlite.agents.agent_config import (AgentConfig, NodeSettings, ResourceSettings, SiteSettings,
-                                             SuperLinkSettings, render_agent_config)
+                                             SuperLinkSettings)
+    from fedlite.agents.config_toml import render_agent_config
     from fedlite.agents.node_identity import generate_node_key_pair
 
     home = deployment.root / f"agent-{name}"

@@ -4,6 +4,7 @@ lines, its deprecation notice of the simulation entry point or Ray's tip about G
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import pytest
@@ -71,3 +72,28 @@ def test_verbose_passes_the_libraries_debug_lines_on(flower_logger):
     finally:
         logging.getLogger().removeHandler(root)
     assert root.lines == ["Registered 10 nodes"]  # reached the root logger, whose handler prints it
+
+
+def _flower_lines_of_a_new_process() -> str:
+    """What Flower prints in a fresh process, as a simulated site (a Ray worker) is one."""
+    import subprocess
+    import sys
+
+    script = ("import logging\nfrom flwr.supercore import log\n"
+              "log(logging.WARNING, 'Manually terminating ClientAppActor')\nlog(logging.ERROR, 'the site failed')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
+def test_simulated_sites_report_only_flowers_errors_unless_verbose(flower_logger, monkeypatch):
+    from fedlite.log_setup import quiet_site_processes
+
+    monkeypatch.delenv("FLWR_LOG_LEVEL", raising=False)
+    setup_logging(verbose=False)
+    with quiet_site_processes():
+        quiet = _flower_lines_of_a_new_process()
+    assert "the site failed" in quiet and "Manually terminating" not in quiet
+    assert "FLWR_LOG_LEVEL" not in os.environ  # the user's own environment is left as it was
+    setup_logging(verbose=True)
+    with quiet_site_processes():
+        assert "Manually terminating" in _flower_lines_of_a_new_process()

@@ -121,7 +121,8 @@ def test_a_site_with_bad_data_stops_the_run_before_it_writes_anything(tmp_path, 
 
 def test_the_agents_policy_table_reaches_the_site_guard_through_the_node_config(tmp_path):
     from fedlite.agents.agent_config import (AgentConfig, PolicySettings, SiteSettings, SuperLinkSettings,
-                                             read_agent_config, render_agent_config)
+                                             read_agent_config)
+    from fedlite.agents.config_toml import render_agent_config
     from fedlite.federated.site_guard import SitePolicy
 
     config = AgentConfig(superlink=SuperLinkSettings(address="coordinator.example.org:9093", insecure=True),

@@ -22,6 +22,7 @@ from fedlite.federated.client_app import make_client_app
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.rounds import wait_for_nodes
 from fedlite.federated.server_app import make_server_app
+from fedlite.log_setup import quiet_site_processes
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ def simulate(split_dir: str | Path, job: Callable[[Grid], object], site_defaults
         wait_for_nodes(grid, len(split.sites))
         return job(grid)
 
-    run_simulation(server_app=make_server_app(once_every_site_is_up, outcome),
-                   client_app=client_app or make_client_app(str(Path(split_dir).resolve()), site_defaults),
-                   num_supernodes=len(split.sites), backend_config=backend_config(len(split.sites), gpus))
+    with quiet_site_processes():
+        run_simulation(server_app=make_server_app(once_every_site_is_up, outcome),
+                       client_app=client_app or make_client_app(str(Path(split_dir).resolve()), site_defaults),
+                       num_supernodes=len(split.sites), backend_config=backend_config(len(split.sites), gpus))
     if "error" in outcome:
         raise outcome["error"]
     if "result" not in outcome:
