@@ -19,6 +19,7 @@ from fedlite.bench.agent_bench import AgentBenchSettings, run_agent_bench, run_p
 from fedlite.bench.machine import machine_info
 from fedlite.bench.stats import ratio
 from fedlite.data.manifest import read_dataset
+from fedlite.data.split import is_split, load_split, pooled_parts
 from fedlite.errors import InputError
 from fedlite.export.bundle import verify_bundle
 
@@ -142,9 +143,7 @@ def headline_ratios(results: dict, threads: int) -> dict:
 
 def edge_site(data: Path | None, timing_data: Path) -> Path:
     """A site's cases for the edge round: the first site of a split, else the timing dataset."""
-    if data is not None and (data / "split.json").is_file():
-        from fedlite.data.split import load_split
-
+    if data is not None and is_split(data):
         sites = load_split(data).sites
         if sites:
             return data / sites[0]
@@ -161,8 +160,8 @@ def run_bench(bundle: str | Path, teacher: str | Path | None = None, student_fp3
         student_fp32 = bundle.with_name(bundle.name + "-fp32")
     variants = bundle_variants(bundle, meta, Path(student_fp32) if student_fp32 else None)
     timing_data = Path(data) if data else _default_data(meta)
-    if timing_data is not None and (timing_data / "test").is_dir():
-        timing_data = timing_data / "test"
+    if timing_data is not None and is_split(timing_data):
+        timing_data = pooled_parts(timing_data)[1]
     if timing_data is None:
         raise InputError("no cases to time: the bundle's verification data is not on this machine",
                          hint="pass --data DIR (a dataset or split directory)")

@@ -32,7 +32,6 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlite.atomic import atomic_write_text, staged_dir
-from fedlite.centralized import seed_everything
 from fedlite.checkpoint import CONFIG, WEIGHTS, Checkpoint
 from fedlite.errors import InputError
 from fedlite.export.bundle import seal_bundle
@@ -49,13 +48,14 @@ from fedlite.export.quantize import QuantSettings, prepare_graph
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, append_row, run_rounds, summed_bytes
 from fedlite.federated.params import add_to_params, get_arrays
-from fedlite.federated.records import to_record
 from fedlite.federated.preflight import check_sites_data
+from fedlite.federated.records import to_record
 from fedlite.federated.replies import reply_arrays, reply_metrics
 from fedlite.federated.rounds import QUERY_TIMEOUT, T, ask_sites, read_replies, wait_for_nodes
 from fedlite.federated.shipped_files import pack_files
 from fedlite.model import FedMMX
 from fedlite.text import TOKENIZER_FILE
+from fedlite.training import seed_everything
 
 log = logging.getLogger(__name__)
 ROUNDS = "export_rounds.jsonl"

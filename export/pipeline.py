@@ -22,10 +22,10 @@ import torch
 
 from fedlite import __version__
 from fedlite.atomic import require_free, staged_dir
-from fedlite.centralized import resolve_data, seed_everything
 from fedlite.checkpoint import Checkpoint, load_checkpoint, read_checkpoint_meta
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import Dataset, read_dataset
+from fedlite.data.split import pooled_parts
 from fedlite.errors import InputError
 from fedlite.export.bundle import HEAD_WEIGHTS, seal_bundle
 from fedlite.export.distill import DistillConfig, distill, distillation_loss
@@ -36,8 +36,9 @@ from fedlite.export.prune import (PruneConfig, count_parameters, describe_archit
 from fedlite.export.quantize import QuantSettings, fuse_graph, quantize_graph
 from fedlite.export.student import default_student, make_student
 from fedlite.model import FedMMX
+from fedlite.run_record import run_record
 from fedlite.text import TOKENIZER_FILE
-from fedlite.training import forward_batch, predict, resolve_device, to_device
+from fedlite.training import forward_batch, predict, resolve_device, seed_everything, to_device
 
 log = logging.getLogger(__name__)
 FUSION_MODEL_TYPES = {"image_encoder": "vit", "text_encoder": "bert"}
@@ -128,13 +129,13 @@ def resolve_export_data(ckpt_meta: dict, data: Path | None = None, eval_data: Pa
     if not chosen:
         raise InputError("no data to distill and verify the bundle on", hint=f"pass {DATA_OPTIONS}")
     if data is not None:
-        kind, option, (train_dir, test_dir) = "pooled", "--data", resolve_data(data, eval_data)
+        kind, option, (train_dir, test_dir) = "pooled", "--data", pooled_parts(data, eval_data)
         if test_dir is None:
             raise InputError("no held-out cases to verify the bundle on", path=data,
                              hint="pass a split directory from `fedlite data split` or --eval-data DIR")
     else:
         kind, option = "proxy", "--proxy-data"
-        train_dir = resolve_data(proxy_data, None)[0]
+        train_dir = pooled_parts(proxy_data)[0]
         if eval_data is None:
             raise InputError("--proxy-data distills on non-patient data; the bundle still needs held-out "
                              "cases to be verified on", path=proxy_data, hint="add --eval-data DIR")
@@ -387,7 +388,9 @@ def bundle_meta(ckpt: Checkpoint, student: FedMMX, specs: dict, options: ExportO
                   "text_embedding": cfg.text.hidden_size, "patch_size": cfg.image.patch_size,
                   "architecture": describe_architecture(student), "parameters": count_parameters(student)},
         "teacher": {"checkpoint": str(checkpoint), "preset": ckpt.model.config.preset,
-                    "init": ckpt.model.config.init, "metrics": ckpt.meta.get("metrics", {})},
+                    "init": ckpt.model.config.init, "metrics": ckpt.meta.get("metrics", {}),
+                    "training": (run_record(ckpt.meta["training"], Path(checkpoint) / "config.json").to_dict()
+                                 if ckpt.meta.get("training") else None)},
         "graphs": {name: spec.to_dict() for name, spec in specs.items()},
         "preprocessing": ckpt.meta["preprocessing"],
         "tokenizer": TOKENIZER_FILE,

@@ -7,28 +7,26 @@ Read top to bottom it is the whole recipe; ``--modality image|text`` gives the u
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from fedlite.atomic import atomic_write_text, json_text, require_free
 from fedlite.checkpoint import save_checkpoint
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import Dataset, read_dataset
+from fedlite.data.split import pooled_parts
 from fedlite.errors import InputError
 from fedlite.model import build_model
 from fedlite.plots import plot_history
 from fedlite.presets import get_preset
+from fedlite.run_record import RunRecord
 from fedlite.text import builtin_tokenizer, load_tokenizer
 from fedlite.training import (TrainConfig, evaluate_model, make_optimizer, parameter_groups, resolve_device,
-                              train_local)
+                              seed_everything, train_local)
 
 log = logging.getLogger(__name__)
-SPLIT_SUMMARY = "split.json"
 
 
 @dataclass
@@ -38,20 +36,6 @@ class RunResult:
     last_checkpoint: Path
     best_metrics: dict
     history: list[dict]
-
-
-def resolve_data(data: str | Path, eval_data: str | Path | None) -> tuple[Path, Path | None]:
-    """A split directory (from ``fedlite data split``) means: pooled train/ and held-out test/."""
-    data = Path(data)
-    if (data / SPLIT_SUMMARY).is_file():
-        return data / "train", Path(eval_data) if eval_data else data / "test"
-    return data, Path(eval_data) if eval_data else None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _check_compatible(train: Dataset, evaluation: Dataset | None) -> None:
@@ -78,7 +62,7 @@ def train_centralized(data: str | Path, out: str | Path, preset: str = "small", 
     (an existing run is replaced only with ``force``) and every case, image decoding included."""
     require_free(out, force, "run directory")
     seed_everything(seed)
-    train_dir, eval_dir = resolve_data(data, eval_data)
+    train_dir, eval_dir = pooled_parts(data, eval_data)
     train_set = read_dataset(train_dir)
     eval_set = read_dataset(eval_dir) if eval_dir is not None else None
     _check_compatible(train_set, eval_set)
@@ -109,8 +93,8 @@ def train_centralized(data: str | Path, out: str | Path, preset: str = "small", 
     history_path = out / "history.jsonl"
     history_path.write_text("")
     names = dict(stage_names=train_set.info.stage_names, label_names=train_set.info.label_names)
-    training_meta = {"mode": "centralized", "data": str(train_dir), "eval_data": str(eval_dir),
-                     "device": str(dev), "seed": seed, **train_config.__dict__}
+    run = RunRecord("centralized", str(train_dir), 0, {"eval_data": str(eval_dir), "device": str(dev),
+                                                       "seed": seed, **train_config.__dict__})
     log.info("training %s (%s, %s fusion, %.1fM parameters) on %d cases, %s",
              preset, modality, fusion, sum(p.numel() for p in model.parameters()) / 1e6, len(train_set), dev)
 
@@ -137,12 +121,12 @@ def train_centralized(data: str | Path, out: str | Path, preset: str = "small", 
         if best is None or score > best["score"]:
             best = {"score": score, "epoch": epoch + 1}
             save_checkpoint(out / "best", model, tokenizer, metrics=record.get("eval", {}),
-                            training={**training_meta, "epoch": epoch + 1}, **names)
+                            training=run.at(epoch + 1).to_dict(), **names)
     save_checkpoint(out / "last", model, tokenizer, metrics=history[-1].get("eval", {}),
-                    training={**training_meta, "epoch": epochs}, **names)
+                    training=run.at(epochs).to_dict(), **names)
     best_metrics = history[best["epoch"] - 1].get("eval", {})
     summary = {"preset": preset, "modality": modality, "fusion": fusion, "best_epoch": best["epoch"],
-               "best": best_metrics, "last": history[-1].get("eval", {}), "training": training_meta,
+               "best": best_metrics, "last": history[-1].get("eval", {}), "training": run.at(epochs).to_dict(),
                "init": config.init}
     atomic_write_text(out / "summary.json", json_text(summary, indent=2) + "\n")
     plot_history(history, out / "curves.png", title=f"{preset} · {modality} · centralized")

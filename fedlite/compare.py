@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedlite.errors import InputError
 from fedlite.federated.link_model import link_record
+from fedlite.run_record import run_record
 
 METRICS = (("accuracy", "accuracy"), ("auc", "AUC"), ("stage_macro_f1", "stage macro-F1"))
 
@@ -66,16 +67,16 @@ def load_run(run_dir: str | Path, link_mbps: tuple[float, ...] = ()) -> RunSumma
 
 
 def _federated(run: Path, summary: dict, rounds: list[dict], link_mbps: tuple[float, ...]) -> RunSummary:
-    config = summary.get("config", {})
+    config = run_record(summary, run / "summary.json").settings
     dense = sum(r["dense_update_bytes"] * len(r["bytes_received"]) for r in rounds)
-    mu = float(config.get("proximal-mu", 0.0) or 0.0)
+    mu = float(config.get("proximal_mu", 0.0) or 0.0)
     flags = [f"fedprox μ={mu:g}" if mu > 0 else "fedavg"]
     if config.get("compress"):
-        flags.append(f"top-k {config.get('topk-fraction')} + int8")
+        flags.append(f"top-k {config.get('topk_fraction')} + int8")
     if config.get("dp"):
-        flags.append(f"DP σ={config.get('noise-multiplier')} C={config.get('max-grad-norm')}")
-    flags.append(f"{config.get('freeze-rounds')} frozen, E={config.get('local-epochs')}, "
-                 f"B={config.get('batch-size')}, {config.get('optimizer')} {config.get('lr')}")
+        flags.append(f"DP σ={config.get('noise_multiplier')} C={config.get('max_grad_norm')}")
+    flags.append(f"{config.get('freeze_rounds')} frozen, E={config.get('local_epochs')}, "
+                 f"B={config.get('batch_size')}, {config.get('optimizer')} {config.get('lr')}")
     return RunSummary(
         name=run.name, mode="federated", steps=len(rounds), last=summary.get("last", {}),
         best=summary.get("best", {}), best_step=int(summary.get("best_round", 0)),
@@ -97,7 +98,7 @@ def _link_minutes(rounds: list[dict], link_mbps: tuple[float, ...]) -> dict[str,
 
 
 def _centralized(run: Path, summary: dict, history: list[dict], link_mbps: tuple[float, ...]) -> RunSummary:
-    training = summary.get("training", {})
+    training = run_record(summary, run / "summary.json").settings
     return RunSummary(
         name=run.name, mode="centralized", steps=len(history), last=summary.get("last", {}),
         best=summary.get("best", {}), best_step=int(summary.get("best_epoch", 0)),

@@ -17,8 +17,8 @@ from fedlite.agents.interpretability import explain_dataset
 from fedlite.agents.predict import predict_manifest
 from fedlite.agents.runtime import BundleRuntime
 from fedlite.centralized import train_centralized
-from fedlite.data.split import format_split_table, split_dataset
 from fedlite.data.manifest import read_dataset
+from fedlite.data.split import format_split_table, split_dataset
 from fedlite.data.synth import synthesize
 from fedlite.evaluate import evaluate_checkpoint
 from fedlite.export.distill import DistillConfig

@@ -5,6 +5,7 @@ inside the step."""
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,13 @@ from tqdm.auto import tqdm
 from fedlite.errors import InputError
 from fedlite.metrics import evaluate_predictions
 from fedlite.model import FedMMX, FusionHead, multitask_loss
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's generators from one seed, so a run repeats."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 @dataclass(frozen=True)

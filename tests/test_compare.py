@@ -8,13 +8,15 @@ from click.testing import CliRunner
 from fedlite.cli import main
 from fedlite.compare import load_run, markdown_table
 from fedlite.errors import InputError
+from fedlite.run_record import AT_SITES, RunRecord
 
 
 def _metrics(acc, auc, f1):
     return {"accuracy": acc, "auc": auc, "stage_macro_f1": f1}
 
 
-def _federated_run(path, compress):
+def _federated_run(path, compress, recorded_as="run record"):
+    """``recorded_as`` "config": the settings as runs wrote them before the run record (kebab-case)."""
     path.mkdir()
     rounds = [{"round": r, "eval": _metrics(0.5 + r / 10, 0.6, 0.1 * r), "round_seconds": 30.0,
                "dense_update_bytes": 1000, "bytes_received": {"site-01": 100 if compress else 1000,
@@ -22,9 +24,13 @@ def _federated_run(path, compress):
               for r in (1, 2)]
     (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     summary = {"rounds": 2, "best_round": 2, "best": rounds[1]["eval"], "last": rounds[1]["eval"],
-               "bytes_sent": 4000, "bytes_received": 400 if compress else 4000, "epsilon": None,
-               "config": {"proximal-mu": 0.0 if compress else 0.01, "compress": compress, "topk-fraction": 0.1,
-                          "dp": False, "freeze-rounds": 1, "local-epochs": 1}}
+               "bytes_sent": 4000, "bytes_received": 400 if compress else 4000, "epsilon": None}
+    settings = {"proximal_mu": 0.0 if compress else 0.01, "compress": compress, "topk_fraction": 0.1,
+                "dp": False, "freeze_rounds": 1, "local_epochs": 1}
+    if recorded_as == "config":
+        summary["config"] = {key.replace("_", "-"): value for key, value in settings.items()}
+    else:
+        summary["training"] = RunRecord("federated", AT_SITES, 2, settings).to_dict()
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -34,14 +40,15 @@ def _centralized_run(path):
     history = [{"epoch": e, "train_loss": 1.0, "train_seconds": 60.0, "eval": _metrics(0.8, 0.9, 0.3 * e)}
                for e in (1, 2)]
     (path / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    training = RunRecord("centralized", "DATA/split", 2, {"batch_size": 16, "optimizer": "adamw", "lr": 3e-4})
     (path / "summary.json").write_text(json.dumps({"modality": "both", "best_epoch": 2, "best": history[1]["eval"],
-                                                   "last": history[1]["eval"]}))
+                                                   "last": history[1]["eval"], "training": training.to_dict()}))
     return path
 
 
 def test_runs_are_tabulated_with_metrics_bytes_and_compression(tmp_path):
     dense = load_run(_federated_run(tmp_path / "fedavg", compress=False))
-    sparse = load_run(_federated_run(tmp_path / "compressed", compress=True))
+    sparse = load_run(_federated_run(tmp_path / "compressed", compress=True, recorded_as="config"))
     central = load_run(_centralized_run(tmp_path / "central"))
     assert (dense.mode, dense.steps, dense.minutes) == ("federated", 2, 1.0)
     assert central.mode == "centralized" and central.minutes == 2.0
@@ -51,6 +58,7 @@ def test_runs_are_tabulated_with_metrics_bytes_and_compression(tmp_path):
     assert "| 10.0× |" in rows[3] and "fedavg, top-k 0.1 + int8" in rows[3]
     assert "fedprox μ=0.01" in rows[2]
     assert "| 0.600 (2) |" in rows[4] and "| – |" in rows[4]  # best F1 at epoch 2; no bytes for centralized
+    assert "B=16, adamw 0.0003" in rows[4]
 
 
 def test_compare_writes_a_table_and_a_plot(tmp_path):

@@ -18,6 +18,7 @@ from fedlite.export.parity import NO_GATE, Gate, ParityGateFailed
 from fedlite.export.pipeline import ExportOptions, export_bundle
 from fedlite.export.prune import PruneConfig
 from fedlite.export.quantize import QuantSettings, op_counts
+from fedlite.run_record import run_record
 
 LENIENT = NO_GATE  # these tests check other parts of the export; tests/test_export_gate.py checks the gate
 QUICK = dict(distill_config=DistillConfig(epochs=1, batch_size=16), batch_size=16, progress=False)
@@ -39,6 +40,8 @@ def test_int8_bundle_is_complete_and_self_describing(int8_bundle, teacher_run):
     assert meta["quantization"]["mode"] == "dynamic" and meta["quantization"]["weights"] == "QInt8"
     assert meta["graphs"]["text_encoder"]["inputs"]["input_ids"] == ["batch", "sequence"]
     assert meta["stage_names"] == list(read_dataset(teacher_run[1] / "test").info.stage_names)
+    teacher_training = run_record(meta["teacher"]["training"])  # how the teacher was trained, in the run schema
+    assert (teacher_training.kind, teacher_training.step) == ("centralized", 3)
     assert meta["export"]["prune"]["parameters_after"] < meta["export"]["prune"]["parameters_before"]
     assert set(meta["parity"]["models"]) == {"teacher", "student", "student-onnx-fp32", "bundle"}
     fp32 = verify_bundle(int8_bundle.bundle.with_name("bundle-fp32"))

@@ -12,14 +12,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedlite.data.holdout import site_parts
 from fedlite.federated.aggregate import SiteUpdate, aggregation_weights, screen_updates, weighted_delta
-from fedlite.federated.site_training import train_site
-from fedlite.federated.site_update import RESIDUAL
 from fedlite.federated.compress import is_encoded
 from fedlite.federated.config import FederatedConfig
+from fedlite.federated.engine import sites_busy_seconds
 from fedlite.federated.params import frozen_fingerprint, get_arrays, trainable_names
 from fedlite.federated.records import to_record
-from fedlite.federated.engine import sites_busy_seconds
+from fedlite.federated.site_training import train_site
+from fedlite.federated.site_update import RESIDUAL
 from fedlite.federated.task import build_initial_model
+from fedlite.run_record import run_record
 
 SHAPES = {"w": (2, 2), "b": (2,)}
 
@@ -170,6 +171,9 @@ def test_a_simulated_run_records_its_rounds_and_sends_the_model_as_changes(tmp_p
     assert summary["rounds"] == 3 and 0 <= summary["last"]["accuracy"] <= 1
     for name in ("best/model.safetensors", "last/model.safetensors", "curves.png", "summary.json"):
         assert (tmp_path / "run" / name).is_file()
+    record = run_record(json.loads((tmp_path / "run" / "last" / "config.json").read_text())["training"])
+    assert (record.kind, record.data, record.step, record.settings["topk_fraction"]) == ("federated", "sites", 3, 0.05)
+    assert run_record(summary) == record  # the summary and the last checkpoint hold one record
 
 
 def test_a_simulated_job_starts_once_every_site_of_the_split_is_connected(synth_split):

@@ -10,6 +10,7 @@ from fedlite.data.split import (
     format_split_table,
     load_split,
     partition_dirichlet,
+    pooled_parts,
     split_dataset,
     stratified_holdout,
     stratum,
@@ -75,6 +76,15 @@ def test_sites_are_disjoint_and_cover_the_train_split(data_dir: Path):
     assert sorted(flat) == sorted(ids(out / "train"))
     assert all(site_ids)
     assert summary.size("train") + summary.size("test") == len(read_dataset(data_dir))
+
+
+def test_a_data_argument_means_a_splits_train_and_test_or_one_dataset(data_dir: Path, tmp_path: Path):
+    split_dataset(data_dir, clients=2, seed=0)
+    out = data_dir / "split"
+    assert pooled_parts(out) == (out / "train", out / "test")
+    assert pooled_parts(out, tmp_path / "other") == (out / "train", tmp_path / "other")
+    assert pooled_parts(out / "site-01") == (out / "site-01", None)  # a site is one dataset, not a split
+    assert pooled_parts(data_dir, out / "test") == (data_dir, out / "test")
 
 
 def test_cases_carry_their_site(data_dir: Path):

@@ -13,6 +13,7 @@ from fedlite.errors import InputError
 from fedlite.evaluate import evaluate_checkpoint
 from fedlite.model import FedMMX, build_model
 from fedlite.presets import get_preset
+from fedlite.run_record import run_record
 from fedlite.text import builtin_tokenizer
 from fedlite.training import TrainConfig, make_optimizer, parameter_groups, set_linear_lr, train_local
 
@@ -188,8 +189,13 @@ def test_cli_pipeline_synth_split_check_train_evaluate(tmp_path):
                        "--out", str(tmp_path / "run")])
     assert train.exit_code == 0, train.output
     assert "stage macro-F1" in train.output
-    recipe = json.loads((tmp_path / "run" / "summary.json").read_text())["training"]
-    assert (recipe["warmup_fraction"], recipe["clip_grad_norm"], recipe["pretrained_lr_scale"]) == (0.05, 0.5, 0.1)
+    recipe = run_record(json.loads((tmp_path / "run" / "summary.json").read_text()))
+    assert (recipe.kind, recipe.step, recipe.data) == ("centralized", 1, str(data / "split" / "train"))
+    assert recipe.settings["eval_data"] == str(data / "split" / "test")
+    settings = recipe.settings
+    assert (settings["warmup_fraction"], settings["clip_grad_norm"], settings["pretrained_lr_scale"]) == (0.05, 0.5, 0.1)
+    checkpoint = json.loads((tmp_path / "run" / "last" / "config.json").read_text())["training"]
+    assert run_record(checkpoint) == recipe  # the checkpoint and the summary hold one record
     evaluation = run(main, ["evaluate", str(tmp_path / "run" / "best"), "--data", str(data / "split" / "test"),
                             "--json"])
     assert evaluation.exit_code == 0

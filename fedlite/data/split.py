@@ -284,6 +284,20 @@ def _relative_path(target: Path, start: Path) -> str:
         return str(target)
 
 
+def is_split(path: str | Path) -> bool:
+    return (Path(path) / SPLIT_FILE).is_file()
+
+
+def pooled_parts(data: str | Path, eval_data: str | Path | None = None) -> tuple[Path, Path | None]:
+    """Where a command that reads pooled cases finds them: a split directory (``fedlite data
+    split``) means its ``train/`` and its held-out ``test/``; any other directory is one dataset,
+    held out against ``eval_data`` if given. The one place a data argument is resolved."""
+    data = Path(data)
+    if is_split(data):
+        return data / TRAIN, Path(eval_data) if eval_data else data / TEST
+    return data, Path(eval_data) if eval_data else None
+
+
 def load_split(out_dir: str | Path) -> SplitSummary:
     """Read split.json back, e.g. to print the table or find the sites of an existing split."""
     out_dir = Path(out_dir)

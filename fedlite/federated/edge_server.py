@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +20,16 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedlite.atomic import atomic_write_text, json_text, require_free
-from fedlite.export.bundle import encoder_fingerprint, verify_bundle
 from fedlite.errors import InputError
+from fedlite.export.bundle import encoder_fingerprint, verify_bundle
 from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from fedlite.export.signing import SIGNATURE, load_private_key
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import UpdateJob, run_rounds, summed_bytes
-from fedlite.federated.records import to_record
 from fedlite.federated.preflight import check_sites_data
+from fedlite.federated.records import to_record
 from fedlite.federated.rounds import QUERY_TIMEOUT, FederatedEvaluation, federated_evaluate, wait_for_nodes
+from fedlite.run_record import AT_SITES, RunRecord
 
 log = logging.getLogger(__name__)
 ROUNDS = "edge_rounds.jsonl"
@@ -107,6 +109,6 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True, for
                "before": headline(before), "after": headline(after), "validation_cases": after.cases,
                "rounds": len(history), "bytes_received": received, "bytes_sent": sent,
                "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),
-               "config": cfg.to_flat()}
+               "training": RunRecord("edge", AT_SITES, len(history), asdict(cfg)).to_dict()}
     atomic_write_text(out / "summary.json", json_text(summary, indent=2) + "\n")
     return summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +30,12 @@ from fedlite.federated.config import FederatedConfig
 from fedlite.federated.downlink import DownlinkStream
 from fedlite.federated.engine import UpdateJob, downlink_messages, run_rounds, summed_bytes
 from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, trainable_names
-from fedlite.federated.records import to_record
 from fedlite.federated.preflight import check_sites_data
+from fedlite.federated.records import to_record
 from fedlite.federated.rounds import QUERY_TIMEOUT, federated_evaluate
 from fedlite.federated.task import build_initial_model, run_tokenizer
 from fedlite.plots import plot_history
+from fedlite.run_record import AT_SITES, RunRecord, run_record
 from fedlite.training import evaluate_model, resolve_device
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class TrainingJob(UpdateJob):
         self.grid, self.cfg, self.model, self.tokenizer, self.state = grid, cfg, model, tokenizer, state
         self.device = device
         self.test_loader = _server_test_loader(cfg, tokenizer, model.config, cfg.stages)
-        self.training_meta = {"mode": "federated", **cfg.to_flat()}
+        self.record = RunRecord("federated", AT_SITES, 0, asdict(cfg))
         self.downlink = DownlinkStream(cfg.topk_fraction) if cfg.compress_downlink else None
         self._settings: tuple[int, dict] = (0, {})
 
@@ -122,7 +124,7 @@ class TrainingJob(UpdateJob):
         out, state = Path(self.cfg.out), self.state
         metrics, server_test = row["eval"], row.get("server_test")
         names = dict(stage_names=self.cfg.stages, label_names=list(LABEL_NAMES))
-        meta = {**self.training_meta, "round": server_round}
+        meta = self.record.at(server_round).to_dict()
         kept = {**metrics, **({"server_test": server_test} if server_test else {})}
         score = metrics.get("stage_macro_f1")
         if score is not None and score > state["best_score"]:
@@ -169,7 +171,7 @@ def _resume_state(out: Path, model) -> tuple[dict, list[dict]]:
         raise InputError("nothing to resume: the run has no completed round", path=out)
     last = load_checkpoint(out / "last")
     model.load_state_dict(last.model.state_dict())
-    completed = int(last.meta["training"]["round"])
+    completed = run_record(last.meta["training"], out / "last").step
     rows = []
     lines = (out / ROUNDS).read_text(encoding="utf-8", errors="replace").splitlines() if (out / ROUNDS).exists() else []
     for number, line in enumerate(lines, start=1):
@@ -201,7 +203,7 @@ def _write_summary(out: Path, cfg: FederatedConfig, history: list[dict], state: 
         "eval_cases": evaluated[-1].get("federated_eval", {}).get("cases", {}) if evaluated else {},
         "bytes_sent": sent, "bytes_received": received,
         "epsilon": max((h["epsilon_worst_site"] for h in history if "epsilon_worst_site" in h), default=None),
-        "config": cfg.to_flat(),
+        "training": RunRecord("federated", AT_SITES, len(history), asdict(cfg)).to_dict(),
     }
     atomic_write_text(out / "summary.json", json_text(summary, indent=2) + "\n")
     curves = [{**h, "train_loss": h["train_loss"] if h["train_loss"] is not None else float("nan")} for h in history]
