@@ -29,8 +29,8 @@ from fedlite.data.holdout import site_parts
 from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
 from fedlite.export.bundle import encoder_fingerprint
-from fedlite.federated.site import job_settings, received_arrays, site_paths
-from fedlite.federated.site_update import local_update, stats_reply, update_reply
+from fedlite.federated.site import FederatedConfig, job_settings, received_arrays, site_paths
+from fedlite.federated.site_update import LocalUpdate, local_update, stats_reply, update_reply
 
 log = logging.getLogger(__name__)
 _RUNTIMES: dict[tuple, BundleRuntime] = {}
@@ -91,18 +91,24 @@ def embedding_loader(embeddings: SiteEmbeddings, batch_size: int, seed: int):
     return DataLoader(Embedded(), batch_size=batch_size, shuffle=True, generator=generator)
 
 
-def edge_train(msg: Message, context: Context, split_dir: str | Path | None, defaults: dict[str, str]) -> Message:
+def train_head(runtime: BundleRuntime, embeddings: SiteEmbeddings, global_arrays: dict[str, np.ndarray],
+               cfg: FederatedConfig, server_round: int, context: Context) -> LocalUpdate:
+    """One edge round at a site: the bundle's head, holding the global weights, trained on the site's
+    embeddings; returns the update as the site sends it (compressed, with error feedback, when the
+    run compresses). What ``fedlite bench`` times as the agent's training round."""
     from fedlite.export.head_swap import fusion_head_from_weights
     from fedlite.training import resolve_device
 
-    flat, cfg = job_settings(msg)
-    server_round = int(flat["server-round"])
-    site = _site(msg, context, split_dir, defaults)
-    global_arrays = received_arrays(msg)
-    head = fusion_head_from_weights(site.runtime.meta, global_arrays)
-    loader = embedding_loader(site.train, cfg.batch_size, cfg.seed + server_round)
+    head = fusion_head_from_weights(runtime.meta, global_arrays)
+    loader = embedding_loader(embeddings, cfg.batch_size, cfg.seed + server_round)
     # a head of a few thousand weights: a GPU would not pay off
-    update = local_update(head, global_arrays, loader, cfg, server_round, context, resolve_device("cpu"))
+    return local_update(head, global_arrays, loader, cfg, server_round, context, resolve_device("cpu"))
+
+
+def edge_train(msg: Message, context: Context, split_dir: str | Path | None, defaults: dict[str, str]) -> Message:
+    flat, cfg = job_settings(msg)
+    site = _site(msg, context, split_dir, defaults)
+    update = train_head(site.runtime, site.train, received_arrays(msg), cfg, int(flat["server-round"]), context)
     update.metrics.update({"embed-seconds": site.train.seconds, "embeddings-cached": int(site.train.cached)})
     return update_reply(msg, update, site.name, cfg.compress)
 

@@ -4,14 +4,12 @@ agent's heavy path against a server's RAM. Every measurement runs in a fresh pro
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedlite.bench.fresh_process import run_probe
 from fedlite.bench.stats import ratio
 
 SERVERS_GB = (8, 16)
@@ -26,15 +24,6 @@ class AgentBenchSettings:
     topk: float = 0.1
     ram_budget_bytes: int | None = None
     timeout_s: int = 3600
-
-
-def run_probe(module: str, spec: dict, timeout_s: int) -> dict:
-    """``python -m module`` in a fresh process, the JSON spec on stdin, one JSON line back."""
-    done = subprocess.run([sys.executable, "-m", module], input=json.dumps(spec), capture_output=True, text=True,
-                          timeout=timeout_s)
-    if done.returncode != 0:
-        raise RuntimeError(f"{module} ({spec.get('kind')}) failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _overlap(a: list[int], b: list[int]) -> float:

@@ -11,14 +11,12 @@ Three kinds, chosen by the JSON spec on stdin (one JSON line comes back):
 
 from __future__ import annotations
 
-import json
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-from fedlite.bench.probe import peak_rss_mb
+from fedlite.bench.fresh_process import answer, peak_rss_mb
 
 TOP_K = 10
 
@@ -100,18 +98,19 @@ def explain_with_torch_teacher(spec: dict) -> dict:
 
 
 def edge_heavy_path(spec: dict) -> dict:
-    """Embed, train one round, encode the update, explain: what an agent does at its busiest."""
+    """Embed, train one round, encode the update, explain: what an agent does at its busiest, through
+    the agent's own functions (the embedding cache, the edge round a site runs, the explainer)."""
     import torch
+    from flwr.app import Context, RecordDict
 
-    from fedlite.agents.edge_client import embedding_loader, evaluate_head
+    from fedlite.agents.edge_client import evaluate_head, train_head
     from fedlite.agents.embedding_cache import site_embeddings
     from fedlite.agents.explain import ExplainSettings, explain_case
     from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
     from fedlite.data.manifest import read_dataset
-    from fedlite.export.head_swap import fusion_head_from_weights, read_head_weights
-    from fedlite.federated.compress import encode_update, encoded_nbytes
-    from fedlite.federated.params import get_arrays
-    from fedlite.training import TrainConfig, train_local
+    from fedlite.export.head_swap import read_head_weights
+    from fedlite.federated.compress import decode_update, encoded_nbytes
+    from fedlite.federated.config import FederatedConfig
 
     torch.set_num_threads(spec["threads"])
     stages = {}
@@ -126,19 +125,19 @@ def edge_heavy_path(spec: dict) -> dict:
         site_embeddings(runtime, dataset, cache)
         stages["embed_cached"] = {"seconds": time.perf_counter() - start}
     weights = read_head_weights(spec["path"])
-    head = fusion_head_from_weights(runtime.meta, weights)
-    config = TrainConfig(epochs=spec["epochs"], batch_size=32, lr=spec["lr"], optimizer="sgd")
+    run = FederatedConfig(rounds=1, local_epochs=spec["epochs"], batch_size=32, lr=spec["lr"], optimizer="sgd",
+                          compress=True, topk_fraction=spec["topk"], edge_bundle=str(spec["path"]))
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={})
     before = evaluate_head(runtime, embeddings, weights).metrics()["loss"]
     start = time.perf_counter()
-    stats = train_local(head, embedding_loader(embeddings, 32, 0), config, torch.device("cpu"), spec["lr"], spec["lr"],
-                        progress=False)
-    local = get_arrays(head, list(weights))
-    delta = {n: local[n] - weights[n] for n in weights}
-    encoded, _ = encode_update(delta, None, topk_fraction=spec["topk"])
-    stages["train_round"] = {"seconds": time.perf_counter() - start, "epochs": spec["epochs"], "steps": stats.steps,
+    update = train_head(runtime, embeddings, weights, run, 1, context)
+    seconds = time.perf_counter() - start
+    delta = decode_update(update.arrays, {name: value.shape for name, value in weights.items()})
+    sent = {name: weights[name] + delta[name] for name in weights}  # the head the coordinator gets from it
+    stages["train_round"] = {"seconds": seconds, "epochs": spec["epochs"], "steps": int(update.metrics["steps"]),
                              "local_loss_before": before,
-                             "local_loss_after": evaluate_head(runtime, embeddings, local).metrics()["loss"],
-                             "update_bytes": encoded_nbytes(encoded),
+                             "local_loss_after": evaluate_head(runtime, embeddings, sent).metrics()["loss"],
+                             "update_bytes": encoded_nbytes(update.arrays),
                              "dense_head_bytes": int(sum(v.size for v in weights.values()) * 4),
                              "student_fp32_bytes": int(runtime.meta["model"]["parameters"]) * 4,
                              "peak_rss_mb": peak_rss_mb()}
@@ -155,11 +154,8 @@ KINDS = {"explain": explain_with_bundle, "explain-reference": explain_with_torch
 
 
 def run(spec: dict) -> dict:
-    result = KINDS[spec["kind"]](spec)
-    result["peak_rss_mb"] = peak_rss_mb()
-    result["heavy_modules_loaded"] = sorted(m for m in ("torch", "timm", "transformers") if m in sys.modules)
-    return result
+    return KINDS[spec["kind"]](spec)
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(sys.stdin.read()))))
+    answer(run)

@@ -4,7 +4,7 @@ model (typically FP32 and INT8) on the same cases.
 Random weights hide quantization error (their activations have no outliers), so run it on a bundle
 whose encoders carry real pretrained weights, e.g. a text encoder from a local BERT checkpoint:
 
-    python -m fedlite.bench.embedding_parity FP32_BUNDLE INT8_BUNDLE --data DATA/split/test
+    fedlite bench embedding-parity FP32_BUNDLE INT8_BUNDLE --data DATA/split/test
 """
 
 from __future__ import annotations

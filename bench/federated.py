@@ -6,7 +6,7 @@ training step), and the share of round time spent outside training (transport, s
 aggregation, evaluation). Runs on CPU too, so it can be checked anywhere; the numbers that matter
 come from a GPU:
 
-    python -m fedlite.bench.federated --data DATA/split --preset paper --rounds 3 --freeze-rounds 0
+    fedlite bench federated --data DATA/split --preset paper --rounds 3 --freeze-rounds 0
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A hospital's CPU decides which preset runs exactly: signed weights on unsigned a
 (``avx512_vnni``) saturate in ONNX Runtime's AVX2 kernels, which CPUs without VNNI use. Run it on the
 machine in question, or emulate one without VNNI::
 
-    python -m fedlite.bench.int8_saturation --out bench/results/int8-saturation/native.json
-    qemu-x86_64 -cpu Haswell $(which python) -m fedlite.bench.int8_saturation --out .../haswell.json
+    fedlite bench int8-saturation --out bench/results/int8-saturation/native.json
+    qemu-x86_64 -cpu Haswell $(which python) -m fedlite.cli bench int8-saturation --out .../haswell.json
 
 The graph is Conv → Relu → MatMul → Tanh → Gemm with random weights (the operator kinds static QDQ
 quantizes in the encoders), calibrated on six batches; the error is the largest absolute output

@@ -7,7 +7,7 @@ The same split, seeds and rounds are run without the attacker under FedAvg, then
 FedAvg, coordinate-wise median and trimmed mean; accuracy, AUC and stage macro-F1 come from the
 sites' validation parts (and the split's test set, when it has one):
 
-    python -m fedlite.bench.poisoning --data DATA/split --out bench/results/poisoning-tiny-cpu
+    fedlite bench poisoning --data DATA/split --out bench/results/poisoning-tiny-cpu
 """
 
 from __future__ import annotations

@@ -6,15 +6,12 @@ The parent (``fedlite.bench.runner``) writes a JSON spec to stdin and reads one 
 
 from __future__ import annotations
 
-import json
 import math
-import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from fedlite.bench.fresh_process import answer, peak_rss_mb
 from fedlite.bench.stats import latency_summary, repeated_summary
 from fedlite.text import encode_notes, pad_token_ids
 
@@ -119,18 +116,6 @@ def throughput(engine, cases: list[dict], batch: int) -> dict:
             "ms_per_batch": seconds / iterations * 1e3}
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak resident memory. Linux's ru_maxrss survives fork and exec, so a child
-    would report its parent's peak; VmHWM belongs to the process's own address space."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
-
-
 def run(spec: dict) -> dict:
     import psutil
 
@@ -154,10 +139,8 @@ def run(spec: dict) -> dict:
         "stage_latency_ms": {name: latency_summary(v) for name, v in stage_runs.items()},
         "peak_rss_single_stream_mb": single_stream_peak,
         "throughput": [throughput(engine, cases, b) for b in spec["batches"]],
-        "peak_rss_mb": peak_rss_mb(),
-        "heavy_modules_loaded": sorted(m for m in ("torch", "timm", "transformers") if m in sys.modules),
     }
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(json.loads(sys.stdin.read()))))
+    answer(run)

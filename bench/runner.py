@@ -15,7 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fedlite.bench.agent_bench import AgentBenchSettings, run_agent_bench, run_probe
+from fedlite.bench.agent_bench import AgentBenchSettings, run_agent_bench
+from fedlite.bench.fresh_process import run_probe
 from fedlite.bench.machine import machine_info
 from fedlite.bench.stats import ratio
 from fedlite.data.manifest import read_dataset

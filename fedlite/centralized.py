@@ -6,6 +6,7 @@ Read top to bottom it is the whole recipe; ``--modality image|text`` gives the u
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,18 @@ class RunResult:
     last_checkpoint: Path
     best_metrics: dict
     history: list[dict]
+
+    def describe(self) -> str:
+        """What ``fedlite train --centralized`` prints: the best epoch's metrics and the outputs."""
+        from fedlite.metrics import format_metrics
+
+        lines = []
+        if self.best_metrics:
+            stage_names = json.loads((self.best_checkpoint / "config.json").read_text())["stage_names"]
+            lines.append(format_metrics(self.best_metrics, stage_names))
+        lines.append(f"\nbest checkpoint: {self.best_checkpoint}\nlast checkpoint: {self.last_checkpoint}"
+                     f"\ncurves: {self.run_dir / 'curves.png'}")
+        return "\n".join(lines)
 
 
 def _check_compatible(train: Dataset, evaluation: Dataset | None) -> None:

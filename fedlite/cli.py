@@ -12,19 +12,9 @@ from pathlib import Path
 import click
 
 from fedlite import __version__
+from fedlite.cli_groups import BenchGroup, ExportGroup, FedliteGroup
 from fedlite.errors import InputError
 from fedlite.log_setup import setup_logging
-
-
-class FedliteGroup(click.Group):
-    """Shows bad input as a plain message (no traceback) and exits 2; real bugs keep their traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except InputError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            sys.exit(2)
 
 
 @click.group(cls=FedliteGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -185,8 +175,6 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
           edge_bundle: Path | None, sign_key: Path | None, link_mbps: str, device: str, workers: int, seed: int,
           out: Path | None, force: bool) -> None:
     """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
-    from fedlite.metrics import format_metrics
-
     if sign_key is not None and edge_bundle is None:
         raise InputError("--sign signs the bundle of an edge run", hint="add --edge BUNDLE, or drop --sign")
     if resume_dir is None and data_dir is None:
@@ -210,11 +198,7 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
                                    fusion=fusion, train_config=config, eval_data=eval_data,
                                    image_weights=image_weights, text_weights=text_weights, device=device,
                                    seed=seed, num_workers=workers, force=force)
-        if result.best_metrics:
-            stage_names = json.loads((result.best_checkpoint / "config.json").read_text())["stage_names"]
-            click.echo(format_metrics(result.best_metrics, stage_names))
-        click.echo(f"\nbest checkpoint: {result.best_checkpoint}\nlast checkpoint: {result.last_checkpoint}"
-                   f"\ncurves: {result.run_dir / 'curves.png'}")
+        click.echo(result.describe())
         return
     from fedlite.federated.config import FederatedConfig
     from fedlite.federated.simulation import run_federated_simulation
@@ -241,37 +225,14 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
 
         verify_bundle(edge_bundle)  # a bad bundle is refused here, not inside the simulation
         summary = run_federated_simulation(cfg, force=force)
+        from fedlite.federated.edge_server import format_edge_summary
+
         click.echo(format_edge_summary(summary))
         return
+    from fedlite.federated.server_app import format_training_summary
+
     summary = run_federated_simulation(cfg, resume=resume_dir is not None, force=force)
-    if summary.get("best"):
-        stage_names = json.loads((Path(cfg.out) / "best" / "config.json").read_text())["stage_names"]
-        cases = summary["eval_cases"]
-        click.echo(f"federated evaluation, best round ({sum(cases.values())} validation cases at {len(cases)} sites):")
-        click.echo(format_metrics(summary["best"], stage_names))
-        if summary.get("server_test"):
-            test = summary["server_test"]
-            click.echo(f"\nserver test set, last round: accuracy {test['accuracy'] * 100:.2f} %, "
-                       f"AUC {test['auc']:.4f}, stage macro-F1 {test['stage_macro_f1']:.4f}")
-    sent, received = summary["bytes_sent"], summary["bytes_received"]
-    click.echo(f"\nrounds: {summary['rounds']} (best: {summary['best_round']}); sent {sent / 1e6:.1f} MB, "
-               f"received {received / 1e6:.1f} MB" + (f"; worst site ε = {summary['epsilon']:.2f}"
-                                                      if summary.get("epsilon") is not None else ""))
-    click.echo(f"best checkpoint: {Path(cfg.out) / 'best'}\nrounds: {Path(cfg.out) / 'rounds.jsonl'}"
-               f"\ncurves: {Path(cfg.out) / 'curves.png'}")
-
-
-def format_edge_summary(summary: dict) -> str:
-    def line(metrics: dict) -> str:
-        return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or "-"
-
-    cases = summary.get("validation_cases", {})
-    return (f"validation ({sum(cases.values())} held-out cases at {len(cases)} sites)\n"
-            f"  before: {line(summary['before'])}\n  after:  {line(summary['after'])}\n"
-            f"rounds: {summary['rounds']}; sent {summary['bytes_sent'] / 1e3:.1f} kB, received "
-            f"{summary['bytes_received'] / 1e3:.1f} kB"
-            + (f"; worst site ε = {summary['epsilon']:.2f}" if summary.get("epsilon") is not None else "")
-            + f"\nbundle: {summary['bundle']} (version {summary['bundle_version']})")
+    click.echo(format_training_summary(summary, Path(cfg.out)))
 
 
 @main.command()
@@ -324,19 +285,7 @@ def compare(runs: tuple[Path, ...], out: Path | None, link_mbps: str, as_json: b
             click.echo(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 
-class DefaultCommandGroup(FedliteGroup):
-    """A group whose first argument, when it names no subcommand, goes to ``default_command``:
-    ``fedlite export CKPT`` and ``fedlite export verify BUNDLE`` side by side."""
-
-    default_command = "build"
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
-            args = [self.default_command, *args]
-        return super().parse_args(ctx, args)
-
-
-@main.group(cls=DefaultCommandGroup)
+@main.group(cls=ExportGroup)
 def export() -> None:
     """Distill, prune, quantize and verify a checkpoint into a bundle (`fedlite export CKPT --int8`);
     `fedlite export verify BUNDLE` re-checks a bundle's hashes."""
@@ -641,7 +590,13 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
     return values
 
 
-@main.command()
+@main.group(cls=BenchGroup)
+def bench() -> None:
+    """Measure on this machine: a bundle beside its teacher (`fedlite bench BUNDLE`), and the
+    benchmarks behind the project's reports."""
+
+
+@bench.command("measure")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--teacher", type=click.Path(path_type=Path), default=None,
               help="Teacher checkpoint: adds torch FP32, ONNX FP32 and ONNX INT8 teacher baselines.")
@@ -661,9 +616,9 @@ def _int_list(value: str, name: str) -> tuple[int, ...]:
 @click.option("--no-agent", is_flag=True, help="Skip explanations, the edge round and the memory budget.")
 @click.option("--ram-budget", default=None, help="Server memory to check the agent's heavy path against, e.g. 8G.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-report"), show_default=True)
-def bench(bundle: Path, teacher: Path | None, student_fp32: Path | None, data_dir: Path | None, threads: str,
-          batches: str, runs: int, repeats: int, explain_cases: int, max_evals: int, edge_site: Path | None,
-          no_agent: bool, ram_budget: str | None, out: Path) -> None:
+def bench_bundle(bundle: Path, teacher: Path | None, student_fp32: Path | None, data_dir: Path | None, threads: str,
+                 batches: str, runs: int, repeats: int, explain_cases: int, max_evals: int, edge_site: Path | None,
+                 no_agent: bool, ram_budget: str | None, out: Path) -> None:
     """CPU latency, throughput and memory of BUNDLE beside the teacher baselines, accuracy beside speed;
     the agent's explanation and edge-round costs and its peak memory."""
     from fedlite.agents.config_values import parse_memory

@@ -111,3 +111,19 @@ def test_markdown_marks_missing_measurements_instead_of_inventing_them():
 def test_bench_command_rejects_bad_thread_lists(teacher_bundle):
     result = CliRunner().invoke(main, ["bench", str(teacher_bundle), "--threads", "two"])
     assert result.exit_code == 2 and "--threads" in result.output
+
+
+def test_a_bundle_is_measured_whatever_its_name_and_the_side_benchmarks_are_subcommands(teacher_bundle, tmp_path,
+                                                                                       monkeypatch):
+    listing = CliRunner().invoke(main, ["bench", "--help"])
+    assert listing.exit_code == 0
+    for name in ("measure", "federated", "poisoning", "embedding-parity", "int8-saturation"):
+        assert name in listing.output
+    side = CliRunner().invoke(main, ["bench", "int8-saturation", "--help"])
+    assert side.exit_code == 0 and "--inputs" in side.output
+    named = CliRunner().invoke(main, ["bench", "measure", str(teacher_bundle), "--threads", "two"])
+    assert named.exit_code == 2 and "--threads" in named.output
+    monkeypatch.chdir(tmp_path)  # a bundle directory called like a subcommand is still a bundle
+    (tmp_path / "poisoning").symlink_to(teacher_bundle)
+    clash = CliRunner().invoke(main, ["bench", "poisoning", "--threads", "two"])
+    assert clash.exit_code == 2 and "--threads" in clash.output

@@ -112,3 +112,18 @@ def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True, for
                "training": RunRecord("edge", AT_SITES, len(history), asdict(cfg)).to_dict()}
     atomic_write_text(out / "summary.json", json_text(summary, indent=2) + "\n")
     return summary
+
+
+def format_edge_summary(summary: dict) -> str:
+    """What ``fedlite train --edge`` prints: the head before and after on the sites' validation
+    parts, what travelled, and the new bundle."""
+    def line(metrics: dict) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or "-"
+
+    cases = summary.get("validation_cases", {})
+    return (f"validation ({sum(cases.values())} held-out cases at {len(cases)} sites)\n"
+            f"  before: {line(summary['before'])}\n  after:  {line(summary['after'])}\n"
+            f"rounds: {summary['rounds']}; sent {summary['bytes_sent'] / 1e3:.1f} kB, received "
+            f"{summary['bytes_received'] / 1e3:.1f} kB"
+            + (f"; worst site ε = {summary['epsilon']:.2f}" if summary.get("epsilon") is not None else "")
+            + f"\nbundle: {summary['bundle']} (version {summary['bundle_version']})")

@@ -211,6 +211,29 @@ def _write_summary(out: Path, cfg: FederatedConfig, history: list[dict], state: 
     return summary
 
 
+def format_training_summary(summary: dict, out: Path) -> str:
+    """What ``fedlite train`` prints after a federated run: the sites' evaluation of the best round,
+    the pooled test set when one was given, what travelled, and where the outputs are."""
+    from fedlite.metrics import format_metrics
+
+    lines = []
+    if summary.get("best"):
+        stage_names = json.loads((out / "best" / "config.json").read_text())["stage_names"]
+        cases = summary["eval_cases"]
+        lines += [f"federated evaluation, best round ({sum(cases.values())} validation cases at {len(cases)} sites):",
+                  format_metrics(summary["best"], stage_names)]
+        if summary.get("server_test"):
+            test = summary["server_test"]
+            lines.append(f"\nserver test set, last round: accuracy {test['accuracy'] * 100:.2f} %, "
+                         f"AUC {test['auc']:.4f}, stage macro-F1 {test['stage_macro_f1']:.4f}")
+    sent, received = summary["bytes_sent"], summary["bytes_received"]
+    lines.append(f"\nrounds: {summary['rounds']} (best: {summary['best_round']}); sent {sent / 1e6:.1f} MB, "
+                 f"received {received / 1e6:.1f} MB" + (f"; worst site ε = {summary['epsilon']:.2f}"
+                                                        if summary.get("epsilon") is not None else ""))
+    lines.append(f"best checkpoint: {out / 'best'}\nrounds: {out / 'rounds.jsonl'}\ncurves: {out / 'curves.png'}")
+    return "\n".join(lines)
+
+
 def run_from_config(grid: Grid, flat: dict, progress: bool = True):
     """The job a deployed run's config names: a federated export, edge fine-tuning or training."""
     if flat.get("export-checkpoint"):
