@@ -222,12 +222,11 @@ def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, pres
             sign_key=str(sign_key.resolve()) if sign_key else "")
     if edge_bundle is not None:
         from fedlite.export.bundle import verify_bundle
+        from fedlite.federated.edge_server import edge_signing_key, format_edge_summary
 
-        verify_bundle(edge_bundle)  # a bad bundle is refused here, not inside the simulation
-        summary = run_federated_simulation(cfg, force=force)
-        from fedlite.federated.edge_server import format_edge_summary
-
-        click.echo(format_edge_summary(summary))
+        verify_bundle(edge_bundle)  # a bad bundle, or a signed one without a key, is refused here,
+        edge_signing_key(edge_bundle, sign_key)  # not inside the simulation
+        click.echo(format_edge_summary(run_federated_simulation(cfg, force=force)))
         return
     from fedlite.federated.server_app import format_training_summary
 

@@ -1,23 +1,23 @@
 """Edge fine-tuning of a bundle's head: cached embeddings, what a site sends, the new bundle."""
 
 import json
-import shutil
 import os
+import shutil
 import stat
 
 import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
 from fedlite.agents.edge_client import edge_evaluate, edge_train
 from fedlite.agents.embedding_cache import site_embeddings
 from fedlite.agents.runtime import BundleRuntime
-from fedlite.export.bundle import encoder_fingerprint, verify_bundle
-from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-
 from fedlite.data.holdout import site_parts
 from fedlite.data.manifest import read_dataset
 from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
+from fedlite.export.bundle import encoder_fingerprint, verify_bundle
+from fedlite.export.head_swap import read_head_weights, write_bundle_with_head
 from fedlite.federated.compress import decode_update, is_encoded
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.records import from_record, to_record
@@ -109,21 +109,35 @@ def test_a_site_refuses_a_coordinator_with_other_encoders(teacher_bundle, teache
                    None, {})
 
 
-def test_edge_simulation_improves_local_loss_and_writes_a_new_bundle(teacher_bundle, teacher_run, tmp_path):
+def _signed_copy(bundle, tmp_path):
+    from fedlite.export.bundle import seal_bundle
+    from fedlite.export.signing import generate_key_pair, load_private_key
+
+    generate_key_pair(tmp_path / "k.pem", tmp_path / "k.pub")
+    signed = tmp_path / "signed"
+    shutil.copytree(bundle, signed)
+    meta = json.loads((signed / "bundle.json").read_text())
+    seal_bundle(signed, {k: v for k, v in meta.items() if k not in ("files", "content_sha256")},
+                signing_key=load_private_key(tmp_path / "k.pem"))
+    return signed
+
+
+def test_edge_simulation_improves_local_loss_and_writes_a_new_signed_bundle(teacher_bundle, teacher_run, tmp_path):
     from click.testing import CliRunner
 
     from fedlite.cli import main
 
     _, split = teacher_run
-    result = CliRunner().invoke(main, ["train", "--edge", str(teacher_bundle), "--data", str(split), "--rounds", "2",
+    signed = _signed_copy(teacher_bundle, tmp_path)
+    result = CliRunner().invoke(main, ["train", "--edge", str(signed), "--data", str(split), "--rounds", "2",
                                        "--epochs", "2", "--batch-size", "16", "--lr", "5e-3", "--compress",
-                                       "--out", str(tmp_path / "edge")])
+                                       "--sign", str(tmp_path / "k.pem"), "--out", str(tmp_path / "edge")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "edge" / "summary.json").read_text())
     assert "held-out cases at 3 sites" in result.output and f"version {summary['bundle_version']}" in result.output
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert summary["after"]["accuracy"] >= summary["before"]["accuracy"] - 0.02
-    new = verify_bundle(summary["bundle"])
+    new = verify_bundle(summary["bundle"], tmp_path / "k.pub")  # signed by the consortium's key
     assert new["bundle_version"] == verify_bundle(teacher_bundle)["bundle_version"] + 1
     assert new["head_updates"][-1]["validation_after"] == summary["after"]
     assert sum(new["head_updates"][-1]["validation_cases"].values()) == sum(
@@ -170,26 +184,13 @@ def test_edge_training_refuses_a_tampered_bundle(teacher_bundle, teacher_run, tm
     assert not (tmp_path / "edge").exists()
 
 
-def test_edge_fine_tuning_of_a_signed_bundle_signs_the_new_one_and_refuses_to_leave_it_unsigned(
-        teacher_bundle, teacher_run, tmp_path):
+def test_a_signed_bundle_is_not_fine_tuned_into_an_unsigned_one(teacher_bundle, teacher_run, tmp_path):
     from click.testing import CliRunner
 
     from fedlite.cli import main
-    from fedlite.export.bundle import seal_bundle
-    from fedlite.export.signing import generate_key_pair, load_private_key
 
-    _, split = teacher_run
-    generate_key_pair(tmp_path / "k.pem", tmp_path / "k.pub")
-    signed = tmp_path / "signed"
-    shutil.copytree(teacher_bundle, signed)
-    meta = json.loads((signed / "bundle.json").read_text())
-    seal_bundle(signed, {k: v for k, v in meta.items() if k not in ("files", "content_sha256")},
-                signing_key=load_private_key(tmp_path / "k.pem"))
-    base = ["train", "--edge", str(signed), "--data", str(split), "--rounds", "1", "--epochs", "1",
-            "--batch-size", "16"]
-    refused = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "a")])
-    assert refused.exit_code != 0 and "sign the fine-tuned bundle too" in refused.output
-    assert not (tmp_path / "a" / "bundle").exists()
-    result = CliRunner().invoke(main, [*base, "--sign", str(tmp_path / "k.pem"), "--out", str(tmp_path / "b")])
-    assert result.exit_code == 0, result.output
-    assert verify_bundle(tmp_path / "b" / "bundle", tmp_path / "k.pub")["bundle_version"] == meta["bundle_version"] + 1
+    signed = _signed_copy(teacher_bundle, tmp_path)
+    refused = CliRunner().invoke(main, ["train", "--edge", str(signed), "--data", str(teacher_run[1]),
+                                        "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2 and "sign the fine-tuned bundle too" in refused.output
+    assert not (tmp_path / "a").exists()  # refused before any site was asked for anything

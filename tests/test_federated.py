@@ -187,7 +187,7 @@ def test_a_simulated_job_starts_once_every_site_of_the_split_is_connected(synth_
 def test_resume_after_the_server_process_is_killed(tmp_path, synth_split):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedlite.cli", "train", "--data", str(synth_split.out_dir), "--preset", "tiny",
-           "--rounds", "3", "--freeze-rounds", "1", "--epochs", "1", "--batch-size", "16", "--out", str(out)]
+           "--rounds", "2", "--freeze-rounds", "1", "--epochs", "1", "--batch-size", "16", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     state = out / "server_state.json"
     deadline = time.monotonic() + 240
@@ -203,13 +203,13 @@ def test_resume_after_the_server_process_is_killed(tmp_path, synth_split):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     completed = json.loads(state.read_text())["round"]
-    assert 1 <= completed < 3, "the server should have been killed mid-run"
+    assert completed == 1, "the server should have been killed mid-run"
     result = subprocess.run([sys.executable, "-m", "fedlite.cli", "train", "--resume", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rounds = [json.loads(l)["round"] for l in (out / "rounds.jsonl").read_text().splitlines()]
-    assert rounds == [1, 2, 3][: len(rounds)] and rounds[-1] == 3
-    assert json.loads(state.read_text())["round"] == 3
+    assert rounds == [1, 2]
+    assert json.loads(state.read_text())["round"] == 2
 
 
 def test_pyproject_declares_the_flower_app_with_every_setting():

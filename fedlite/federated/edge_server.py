@@ -78,14 +78,22 @@ class EdgeJob(UpdateJob):
                                                 if received else None)})
 
 
+def edge_signing_key(bundle: Path, sign_key: str | Path | None):
+    """The key the fine-tuned bundle is signed with; a signed bundle must not come back unsigned,
+    since its agents may pin the key. Checked before any site is asked for anything."""
+    if sign_key:
+        return load_private_key(sign_key)
+    if (Path(bundle) / SIGNATURE).exists():
+        raise InputError("the bundle is signed and its agents may pin the key: sign the fine-tuned bundle too",
+                         path=bundle, hint="give the consortium's private key (--sign KEY, run config sign-key)")
+    return None
+
+
 def run_edge_server(grid: Grid, cfg: FederatedConfig, progress: bool = True, force: bool = False) -> dict:
     bundle = Path(cfg.edge_bundle)
     require_free(cfg.out, force, "run directory")
     meta = verify_bundle(bundle)
-    signing_key = load_private_key(cfg.sign_key) if cfg.sign_key else None
-    if signing_key is None and (bundle / SIGNATURE).exists():
-        raise InputError("the bundle is signed and its agents may pin the key: sign the fine-tuned bundle too",
-                         path=bundle, hint="give the consortium's private key (--sign KEY, run config sign-key)")
+    signing_key = edge_signing_key(bundle, cfg.sign_key)
     check_sites_data(grid, cfg.min_sites, cfg.round_timeout or QUERY_TIMEOUT)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
