@@ -89,6 +89,13 @@ class CaseExplanation:
         """A word's value is the sum over its WordPiece tokens (Owen values add up over coalitions)."""
         return [float(self.text.values[w["tokens"], output].sum()) for w in self.words]
 
+    def describe(self, case_id: str) -> str:
+        """One line: the case's prediction and how long explaining it took."""
+        pred, took = self.prediction, self.timings
+        return (f"{case_id}: {pred['leukemia']} (P = {pred['leukemia_probability']:.3f}"
+                + (f", stage {pred['stage']}" if pred["stage"] else "") + f"), explained in "
+                f"{took['total_seconds']:.2f} s (image {took['image_seconds']:.2f} s, note {took['text_seconds']:.2f} s)")
+
     def joint_profile(self, output: int, weight: float) -> np.ndarray:
         """Paper eq. 23: [λ·φ̂_v ‖ (1 − λ)·φ̂_t] with each part L2-normalised. The two halves are
         on a common scale for display; ranking one modality against the other is not meaningful."""

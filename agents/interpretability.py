@@ -102,8 +102,9 @@ class ExplainedCase:
 
 def explain_dataset(runtime: BundleRuntime, dataset: Dataset, case_ids: list[str] | None, settings: ExplainSettings,
                     report_dir: Path, progress: bool = True,
-                    on_case: Callable[[ExplainedCase], None] | None = None) -> dict:
-    """Explain the chosen cases (default: all) one by one into ``report_dir`` and summarise them."""
+                    on_case: Callable[[ExplainedCase], None] | None = None, limit: int = 0) -> dict:
+    """Explain the chosen cases (default: all; the first ``limit`` when > 0) one by one into
+    ``report_dir`` and summarise them."""
     from tqdm.auto import tqdm
 
     from fedlite.agents.predict import check_note
@@ -114,6 +115,7 @@ def explain_dataset(runtime: BundleRuntime, dataset: Dataset, case_ids: list[str
         raise InputError(f"no case with id {', '.join(map(repr, unknown[:5]))}"
                          + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""), path=dataset.root / MANIFEST)
     cases = [by_id[i] for i in case_ids] if case_ids else dataset.cases
+    cases = cases[:limit] if limit > 0 else cases
     done: list[tuple[CaseExplanation, str]] = []
     for case in tqdm(cases, desc="explain", unit="case", disable=not progress, leave=False):
         note = check_note(case.text, f"{dataset.root / MANIFEST}: case {case.id}")
@@ -134,3 +136,18 @@ def explain_dataset(runtime: BundleRuntime, dataset: Dataset, case_ids: list[str
     }
     atomic_write_text(Path(report_dir) / "summary.json", json.dumps(summary, indent=2) + "\n", OWNER_ONLY)
     return summary
+
+
+def format_dataset_summary(summary: dict, report_dir: Path) -> str:
+    """What ``fedlite explain --data`` prints after its cases: time per case, additivity, and each
+    output's consistency and sparsity."""
+    m, took = summary["measures"], summary["seconds_per_case"]
+    lines = [f"\n{summary['cases']} cases, {took['mean']:.2f} s per case on average (max {took['max']:.2f} s); "
+             f"largest additivity error {max(summary['additivity_error_max'].values()):.1e}"]
+    for output in ("leukemia", "stage"):
+        image, text = m[output]["image"], m[output]["text"]
+        lines.append(f"{output:>9}: consistency (top-{m['top_k']}, bootstrap) image {image['consistency']:.0%}, "
+                     f"note {text['consistency']:.0%}; sparsity image {image['sparsity']:.1f}/{image['features']} "
+                     f"patches, note {text['sparsity']:.1f}/{text['mean_tokens']:.0f} tokens")
+    lines.append(f"reports: {report_dir}/<case>/explanation.html; summary: {Path(report_dir) / 'summary.json'}")
+    return "\n".join(lines)

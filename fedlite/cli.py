@@ -13,8 +13,12 @@ import click
 
 from fedlite import __version__
 from fedlite.cli_groups import BenchGroup, ExportGroup, FedliteGroup
+from fedlite.cli_modes import ModalCommand
+from fedlite.cli_options import (TRAIN_MODES, case_input, case_options, centralized_train_config, federated_config,
+                                 train_options)
 from fedlite.errors import InputError
 from fedlite.log_setup import setup_logging
+from fedlite.presets import PRESETS
 
 
 @click.group(cls=FedliteGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,151 +90,40 @@ def data_check(data_dir: Path, no_images: bool, as_json: bool) -> None:
     sys.exit(0 if report.ok else 1)
 
 
-@main.command()
-@click.option("--centralized", is_flag=True,
-              help="Train on pooled data (the paper's centralized baseline) instead of federated.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path),
-              help="A split directory from 'fedlite data split' (sites + test/); --centralized also takes "
-                   "a plain dataset directory.")
-@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
-              help="Held-out dataset evaluated every epoch (default: the split's test/). Centralized only.")
-@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="small", show_default=True)
-@click.option("--modality", type=click.Choice(["both", "image", "text"]), default="both", show_default=True)
-@click.option("--fusion", type=click.Choice(["concat", "gated"]), default="concat", show_default=True)
-@click.option("--epochs", default=3, show_default=True, help="Epochs (centralized) or local epochs E per round.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True, help="Initial learning rate (decays linearly).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
-              help="sgd as in the paper (momentum 0.9, weight decay 5e-4); adamw for randomly initialised encoders.")
-@click.option("--gamma", default=1.0, show_default=True, help="Weight of the stage loss.")
-@click.option("--warmup", default=0.05, show_default=True,
-              help="Share of the steps over which the lr ramps up from 0 (centralized; at most one epoch).")
-@click.option("--clip-grad-norm", default=1.0, show_default=True,
-              help="Clip each step's gradient to this L2 norm, 0 for none (centralized).")
-@click.option("--pretrained-lr-scale", default=0.1, show_default=True,
-              help="lr factor for encoders loaded with --image-weights/--text-weights (centralized).")
-@click.option("--image-weights", type=click.Path(path_type=Path), default=None,
-              help="A local timm ViT checkpoint file.")
-@click.option("--text-weights", type=click.Path(path_type=Path), default=None,
-              help="A local transformers BERT directory with its tokenizer.")
-@click.option("--rounds", default=10, show_default=True, help="Federated rounds T.")
-@click.option("--sites-per-round", default=0, show_default=True, help="Sites sampled per round (0: all).")
-@click.option("--freeze-rounds", default=2, show_default=True,
-              help="Rounds with frozen encoders (only fusion and heads train and travel).")
-@click.option("--strategy", type=click.Choice(["fedavg", "fedprox"]), default="fedavg", show_default=True)
-@click.option("--proximal-mu", default=0.01, show_default=True, help="FedProx's μ (with --strategy fedprox).")
-@click.option("--dp", is_flag=True, help="Opacus DP-SGD at every site.")
-@click.option("--noise-multiplier", default=1.5, show_default=True, help="DP noise σ.")
-@click.option("--max-grad-norm", default=1.0, show_default=True, help="DP per-case clipping norm C.")
-@click.option("--dp-delta", default=1e-5, show_default=True, help="DP δ.")
-@click.option("--compress", is_flag=True, help="Send top-k + int8 updates with error feedback.")
-@click.option("--topk", default=0.1, show_default=True, help="Share of update entries sent with --compress.")
-@click.option("--compress-downlink", is_flag=True, help="Send the global model as top-k + int8 changes since the "
-              "version each site holds (error feedback at the coordinator) instead of whole every round.")
-@click.option("--round-timeout", default=0.0, show_default=True,
-              help="Seconds a round waits for sites (0: all); late updates are folded in later rounds.")
-@click.option("--max-staleness", default=2, show_default=True, help="Rounds a late update may lag.")
-@click.option("--staleness-decay", default=0.5, show_default=True, help="λ in (N_c/N)·e^(−λτ).")
-@click.option("--convergence-tol", default=0.0, show_default=True, help="Stop when ‖θ_t+1 − θ_t‖ is below it.")
-@click.option("--aggregation", type=click.Choice(["fedavg", "median", "trimmed-mean"]), default="fedavg",
-              show_default=True, help="How the sites' updates are combined; median and trimmed-mean (coordinate-"
-                                      "wise) hold against a few poisoning sites.")
-@click.option("--trim-fraction", default=0.1, show_default=True,
-              help="trimmed-mean: share of the updates dropped at each end of every coordinate.")
-@click.option("--eval-every", default=1, show_default=True,
-              help="Federated evaluation every N rounds (and after the last): sites score the global model on "
-                   "their validation parts and send statistics only; best/ is the round they scored best.")
-@click.option("--site-val-fraction", default=0.2, show_default=True,
-              help="Share of each site's cases held out for validation (by case id, per stratum) when the site "
-                   "has no val/ directory of its own.")
-@click.option("--server-test", type=click.Path(path_type=Path), default=None,
-              help="A pooled test set the coordinator scores beside the federated metrics (research protocol; "
-                   "default in simulation: SPLIT/test when it exists).")
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), default=None,
-              help="Continue a federated run from its last completed round.")
-@click.option("--edge", "edge_bundle", type=click.Path(path_type=Path), default=None,
-              help="Edge fine-tuning: train only this bundle's head on the sites' cached embeddings and write "
-                   "the bundle with the averaged head (version + 1) into the run directory.")
-@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
-              help="With --edge: sign the fine-tuned bundle with this Ed25519 private key (PEM); required when "
-                   "the bundle is signed.")
-@click.option("--link-mbps", default="", help="Hospital line rates in Mbit/s, e.g. 20,100: each round also records "
-              "how long its measured bytes would take on them (federated).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--workers", default=0, show_default=True, help="Data-loading processes (centralized).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Run directory (default: runs/centralized or runs/federated).")
-@click.option("--force", is_flag=True, help="Replace an existing run directory.")
-def train(centralized: bool, data_dir: Path | None, eval_data: Path | None, preset: str, modality: str,
-          fusion: str, epochs: int, batch_size: int, lr: float, optimizer: str, gamma: float,
-          warmup: float, clip_grad_norm: float, pretrained_lr_scale: float, image_weights: Path | None,
-          text_weights: Path | None, rounds: int, sites_per_round: int,
-          freeze_rounds: int, strategy: str, proximal_mu: float, dp: bool, noise_multiplier: float,
-          max_grad_norm: float, dp_delta: float, compress: bool, topk: float, compress_downlink: bool,
-          round_timeout: float,
-          max_staleness: int, staleness_decay: float, convergence_tol: float, aggregation: str,
-          trim_fraction: float, eval_every: int,
-          site_val_fraction: float, server_test: Path | None, resume_dir: Path | None,
-          edge_bundle: Path | None, sign_key: Path | None, link_mbps: str, device: str, workers: int, seed: int,
-          out: Path | None, force: bool) -> None:
-    """Train Fed-MMX: federated across the sites of a split (a Flower simulation), or --centralized."""
-    if sign_key is not None and edge_bundle is None:
-        raise InputError("--sign signs the bundle of an edge run", hint="add --edge BUNDLE, or drop --sign")
-    if resume_dir is None and data_dir is None:
+@main.command(cls=ModalCommand, modes=TRAIN_MODES)
+@train_options
+def train(**o) -> None:
+    """Train Fed-MMX: federated across the sites of a split (a Flower simulation), --centralized on
+    pooled cases, --edge (a bundle's head) or --resume. Options that do not act in the chosen kind
+    of run are refused."""
+    if o["resume_dir"] is None and o["data_dir"] is None:
         raise click.UsageError("give --data (or --resume RUN_DIR)")
-    if edge_bundle is not None and compress_downlink:
-        raise InputError("--compress-downlink compresses the full model's rounds; an edge round sends only the "
-                         "bundle's head", hint="drop --compress-downlink")
-    if edge_bundle is not None and (centralized or resume_dir is not None):
-        raise InputError("--edge fine-tunes a bundle federated from the start", hint="drop --centralized/--resume")
-    if centralized and (link_mbps or compress_downlink):
-        raise InputError("--link-mbps and --compress-downlink concern the federated rounds' transfers",
-                         hint="drop them or --centralized")
-    if centralized:
+    if o["centralized"]:
         from fedlite.centralized import train_centralized
-        from fedlite.training import TrainConfig
 
-        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, gamma=gamma, optimizer=optimizer,
-                             warmup_fraction=warmup, clip_grad_norm=clip_grad_norm,
-                             pretrained_lr_scale=pretrained_lr_scale)
-        result = train_centralized(data_dir, out or Path("runs/centralized"), preset=preset, modality=modality,
-                                   fusion=fusion, train_config=config, eval_data=eval_data,
-                                   image_weights=image_weights, text_weights=text_weights, device=device,
-                                   seed=seed, num_workers=workers, force=force)
+        result = train_centralized(o["data_dir"], o["out"] or Path("runs/centralized"), preset=o["preset"],
+                                   modality=o["modality"], fusion=o["fusion"], train_config=centralized_train_config(o),
+                                   eval_data=o["eval_data"], image_weights=o["image_weights"],
+                                   text_weights=o["text_weights"], device=o["device"], seed=o["seed"],
+                                   num_workers=o["workers"], force=o["force"])
         click.echo(result.describe())
         return
     from fedlite.federated.config import FederatedConfig
     from fedlite.federated.simulation import run_federated_simulation
 
-    if resume_dir is not None:
-        cfg = FederatedConfig.from_run_dir(resume_dir)
-    else:
-        cfg = FederatedConfig(
-            split_dir=str(data_dir), out=str(out or Path("runs/federated")), preset=preset, modality=modality,
-            fusion=fusion, rounds=rounds, sites_per_round=sites_per_round, freeze_rounds=freeze_rounds,
-            convergence_tol=convergence_tol, round_timeout=round_timeout, max_staleness=max_staleness,
-            eval_every=eval_every, site_val_fraction=site_val_fraction, server_test=str(server_test or ""),
-            staleness_decay=staleness_decay, aggregation=aggregation, trim_fraction=trim_fraction,
-            local_epochs=epochs, batch_size=batch_size, lr=lr,
-            optimizer=optimizer, gamma=gamma, proximal_mu=proximal_mu if strategy == "fedprox" else 0.0,
-            dp=dp, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, dp_delta=dp_delta,
-            compress=compress, topk_fraction=topk, compress_downlink=compress_downlink, link_mbps=link_mbps,
-            seed=seed, device=device,
-            image_weights=str(image_weights or ""), text_weights=str(text_weights or ""),
-            edge_bundle=str(edge_bundle.resolve()) if edge_bundle else "",
-            sign_key=str(sign_key.resolve()) if sign_key else "")
-    if edge_bundle is not None:
+    resumed = o["resume_dir"] is not None
+    cfg = FederatedConfig.from_run_dir(o["resume_dir"]) if resumed else federated_config(o)
+    if o["edge_bundle"] is not None:
         from fedlite.export.bundle import verify_bundle
         from fedlite.federated.edge_server import edge_signing_key, format_edge_summary
 
-        verify_bundle(edge_bundle)  # a bad bundle, or a signed one without a key, is refused here,
-        edge_signing_key(edge_bundle, sign_key)  # not inside the simulation
-        click.echo(format_edge_summary(run_federated_simulation(cfg, force=force)))
+        verify_bundle(o["edge_bundle"])  # a bad bundle, or a signed one without a key, is refused here,
+        edge_signing_key(o["edge_bundle"], o["sign_key"])  # not inside the simulation
+        click.echo(format_edge_summary(run_federated_simulation(cfg, force=o["force"])))
         return
     from fedlite.federated.server_app import format_training_summary
 
-    summary = run_federated_simulation(cfg, resume=resume_dir is not None, force=force)
+    summary = run_federated_simulation(cfg, resume=resumed, force=o["force"])
     click.echo(format_training_summary(summary, Path(cfg.out)))
 
 
@@ -453,35 +346,30 @@ def export_keygen(private_key: Path, public_key: Path | None) -> None:
     click.echo(f"private key: {private_key} (keep it secret)\npublic key: {public_key}")
 
 
+_PUBLIC_KEY_OPTION = click.option("--public-key", type=click.Path(path_type=Path), default=None,
+                                  help="Refuse the bundle unless it is signed by this Ed25519 public key's holder (PEM).")
+_THREADS_OPTION = click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: up to 4).")
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--image", type=click.Path(path_type=Path), default=None, help="The smear image of one case.")
-@click.option("--text", default=None, help="The case's clinical note.")
-@click.option("--text-file", type=click.Path(path_type=Path), default=None, help="The note, from a UTF-8 file.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Predict every case of this dataset instead (JSON lines to --out).")
+@case_options("Predict every case of this dataset instead (JSON lines to --out).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: DATA/predictions.jsonl.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: up to 4).")
+@_THREADS_OPTION
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--public-key", type=click.Path(path_type=Path), default=None,
-              help="Refuse the bundle unless it is signed by this Ed25519 public key's holder (PEM).")
+@_PUBLIC_KEY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path | None, data_dir: Path | None,
             out: Path | None, threads: int, batch_size: int, public_key: Path | None, as_json: bool) -> None:
     """Leukemia and stage for one case (--image with --text or --text-file) or a dataset (--data)."""
-    from fedlite.agents.predict import format_case, predict_case, predict_manifest, read_note_file
+    from fedlite.agents.predict import format_case, predict_case, predict_manifest
     from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
     from fedlite.metrics import format_metrics
 
-    single = image is not None or text is not None or text_file is not None
-    if single == (data_dir is not None):
-        raise InputError("give one case (--image and --text/--text-file) or a dataset (--data)")
-    if single and (image is None or (text is None) == (text_file is None)):
-        raise InputError("one case needs --image and exactly one of --text, --text-file")
+    case = case_input(image, text, text_file, data_dir)
     runtime = BundleRuntime(bundle, RuntimeSettings(threads=threads), public_key=public_key)
-    if single:
-        note = text if text is not None else read_note_file(text_file)
-        result = predict_case(runtime, image, note)
+    if case is not None:
+        result = predict_case(runtime, *case)
         click.echo(json.dumps(result, indent=2) if as_json else format_case(result))
         return
     summary = predict_manifest(runtime, data_dir, out or data_dir / "predictions.jsonl", batch_size,
@@ -495,12 +383,8 @@ def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--image", type=click.Path(path_type=Path), default=None, help="The smear image of one case.")
-@click.option("--text", default=None, help="The case's clinical note.")
-@click.option("--text-file", type=click.Path(path_type=Path), default=None, help="The note, from a UTF-8 file.")
+@case_options("Explain cases of this dataset instead, and measure consistency and sparsity over them.")
 @click.option("--case-id", default=None, help="Name of the one case's report (default: the image's file name).")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Explain cases of this dataset instead, and measure consistency and sparsity over them.")
 @click.option("--case", "case_ids", multiple=True, help="With --data: only these case ids (repeatable).")
 @click.option("--limit", default=0, show_default=True, help="With --data: at most this many cases (0: all).")
 @click.option("--report-dir", type=click.Path(path_type=Path), default=Path("fedlite-reports"), show_default=True,
@@ -510,73 +394,45 @@ def predict(bundle: Path, image: Path | None, text: str | None, text_file: Path 
               help="What a masked image patch shows.")
 @click.option("--modality-weight", default=0.5, show_default=True, help="λ of the joint profile (eq. 23).")
 @click.option("--batch-size", default=16, show_default=True, help="Masked inputs per encoder call.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime threads (0: up to 4).")
-@click.option("--public-key", type=click.Path(path_type=Path), default=None,
-              help="Refuse the bundle unless it is signed by this Ed25519 public key's holder (PEM).")
+@_THREADS_OPTION
+@_PUBLIC_KEY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def explain(bundle: Path, image: Path | None, text: str | None, text_file: Path | None, case_id: str | None,
-            data_dir: Path | None, case_ids: tuple[str, ...], limit: int, report_dir: Path, max_evals: int,
+def explain(bundle: Path, image: Path | None, text: str | None, text_file: Path | None, data_dir: Path | None,
+            case_id: str | None, case_ids: tuple[str, ...], limit: int, report_dir: Path, max_evals: int,
             baseline: str, modality_weight: float, batch_size: int, threads: int, public_key: Path | None,
             as_json: bool) -> None:
     """SHAP explanations computed on this machine: image patches and note words, for P(leukemia) and
     the predicted stage; reports stay in --report-dir."""
     from fedlite.agents.explain import ExplainSettings, explain_case
     from fedlite.agents.explain_report import write_explanation
-    from fedlite.agents.predict import read_note_file
     from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
 
-    single = image is not None or text is not None or text_file is not None
-    if single == (data_dir is not None):
-        raise InputError("give one case (--image and --text/--text-file) or a dataset (--data)")
-    if single and (image is None or (text is None) == (text_file is None)):
-        raise InputError("one case needs --image and exactly one of --text, --text-file")
+    case = case_input(image, text, text_file, data_dir)
+    if case is not None and (case_ids or limit):
+        raise InputError("--case and --limit choose cases of a dataset", hint="give --data, or drop them")
+    if case is None and case_id is not None:
+        raise InputError("--case-id names the report of one case", hint="give --case to choose dataset cases")
     settings = ExplainSettings(max_evals=max_evals, baseline=baseline, batch_size=batch_size,
                                modality_weight=modality_weight)
     runtime = BundleRuntime(bundle, RuntimeSettings(threads=threads), public_key=public_key)
-    if single:
-        from fedlite.agents.predict import check_note
-
-        note = check_note(text, "--text") if text is not None else read_note_file(text_file)
+    if case is not None:
+        (image, note), name = case, case_id or image.stem
         smear, pixels = runtime.load_smear(image)
         expl = explain_case(runtime, pixels, note, settings)
-        paths = write_explanation(expl, case_id or image.stem, note, smear, runtime.meta, report_dir)
+        paths = write_explanation(expl, name, note, smear, runtime.meta, report_dir)
         if as_json:
             click.echo(json.dumps({"prediction": expl.prediction, "timings": expl.timings,
                                    **{k: str(v) for k, v in paths.items()}}, indent=2))
-            return
-        click.echo(_explained_line(case_id or image.stem, expl))
-        click.echo(f"report: {paths['html']}\n        {paths['png']}\n        {paths['json']}")
+        else:
+            click.echo(f"{expl.describe(name)}\nreport: {paths['html']}\n        {paths['png']}\n        {paths['json']}")
         return
-    from fedlite.agents.interpretability import explain_dataset
+    from fedlite.agents.interpretability import explain_dataset, format_dataset_summary
     from fedlite.data.manifest import read_dataset
 
-    dataset = read_dataset(data_dir)
-    chosen = list(case_ids) or [c.id for c in dataset.cases]
-    if limit > 0:
-        chosen = chosen[:limit]
-    summary = explain_dataset(runtime, dataset, chosen, settings, report_dir, progress=not as_json,
-                              on_case=None if as_json else lambda c: click.echo(_explained_line(c.case_id, c.explanation)))
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    m = summary["measures"]
-    click.echo(f"\n{summary['cases']} cases, {summary['seconds_per_case']['mean']:.2f} s per case on average "
-               f"(max {summary['seconds_per_case']['max']:.2f} s); largest additivity error "
-               f"{max(summary['additivity_error_max'].values()):.1e}")
-    for output in ("leukemia", "stage"):
-        click.echo(f"{output:>9}: consistency (top-{m['top_k']}, bootstrap) image {m[output]['image']['consistency']:.0%}, "
-                   f"note {m[output]['text']['consistency']:.0%}; sparsity image "
-                   f"{m[output]['image']['sparsity']:.1f}/{m[output]['image']['features']} patches, note "
-                   f"{m[output]['text']['sparsity']:.1f}/{m[output]['text']['mean_tokens']:.0f} tokens")
-    click.echo(f"reports: {report_dir}/<case>/explanation.html; summary: {report_dir / 'summary.json'}")
-
-
-def _explained_line(case_id: str, expl) -> str:
-    pred = expl.prediction
-    return (f"{case_id}: {pred['leukemia']} (P = {pred['leukemia_probability']:.3f}"
-            + (f", stage {pred['stage']}" if pred["stage"] else "") + f"), explained in "
-            f"{expl.timings['total_seconds']:.2f} s (image {expl.timings['image_seconds']:.2f} s, "
-            f"note {expl.timings['text_seconds']:.2f} s)")
+    summary = explain_dataset(runtime, read_dataset(data_dir), list(case_ids), settings, report_dir,
+                              progress=not as_json, limit=limit,
+                              on_case=None if as_json else lambda c: click.echo(c.explanation.describe(c.case_id)))
+    click.echo(json.dumps(summary, indent=2) if as_json else format_dataset_summary(summary, report_dir))
 
 
 def _int_list(value: str, name: str) -> tuple[int, ...]:
@@ -776,7 +632,7 @@ def agent_run(config_path: Path, max_retries: int, initial_backoff: float, max_b
 @click.option("--rounds", default=8, show_default=True, help="Federated rounds.")
 @click.option("--local-epochs", default=1, show_default=True,
               help="Local epochs per round (the centralized baseline trains rounds x local epochs).")
-@click.option("--preset", type=click.Choice(["paper", "small", "tiny"]), default="tiny", show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
 @click.option("--export-rounds", default=15, show_default=True, help="Federated distillation rounds of the export.")
 @click.option("--report-only-gate", is_flag=True,
               help="Print the export's parity table but write the bundle whatever it says (smoke runs on a "

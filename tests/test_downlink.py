@@ -161,16 +161,3 @@ def test_the_loop_sends_changes_and_reaches_the_same_model(tmp_path, compressed)
     later = sum(r["bytes_sent"] for r in rows[1:])
     # top-k 10 % + int8 is 8× on the payload; Flower adds ~130 bytes per array, four arrays per tensor
     assert sum(4 * SIZE * 3 for _ in rows[1:]) / later > 5.5
-
-
-
-def test_options_for_the_full_models_rounds_are_refused_where_they_do_not_apply(tmp_path):
-    from click.testing import CliRunner
-
-    from fedlite.cli import main
-
-    edge = CliRunner().invoke(main, ["train", "--edge", str(tmp_path / "bundle"), "--data", str(tmp_path),
-                                     "--compress-downlink"])
-    assert edge.exit_code != 0 and "an edge round sends only the bundle's head" in edge.output
-    central = CliRunner().invoke(main, ["train", "--centralized", "--data", str(tmp_path), "--link-mbps", "20"])
-    assert central.exit_code != 0 and "concern the federated rounds' transfers" in central.output

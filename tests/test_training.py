@@ -157,4 +157,4 @@ def test_cli_pipeline_synth_split_check_train_evaluate(tmp_path):
     assert evaluation.exit_code == 0
     metrics = json.loads(evaluation.stdout)
     assert metrics["cases"] == 8 and 0 <= metrics["accuracy"] <= 1
-    assert run(main, ["train", "--data", str(data)]).exit_code == 2  # only --centralized exists yet
+    assert run(main, ["train", "--data", str(data)]).exit_code == 2  # a federated run needs a split
