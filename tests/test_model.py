@@ -5,7 +5,7 @@ import torch
 
 from fedlite.errors import InputError
 from fedlite.model import FedMMX, FedMMXOutput, build_model, multitask_loss
-from fedlite.presets import PRESETS, get_preset
+from fedlite.presets import get_preset
 
 
 def _inputs(config, batch=2, seq=12):
@@ -32,13 +32,6 @@ def test_output_shapes_for_each_preset_and_fusion(preset, fusion):
     assert out.leukemia_logits.shape == (2, 2)
     assert out.stage_logits.shape == (2, config.num_stages)
     assert torch.isfinite(out.leukemia_logits).all()
-
-
-def test_paper_preset_matches_the_paper_architecture():
-    config = PRESETS["paper"]
-    assert (config.image.embed_dim, config.image.depth, config.image.patch_size) == (768, 12, 16)
-    assert (config.text.vocab_size, config.text.num_layers, config.text.max_length) == (28996, 12, 512)
-    assert config.num_stages == 4
 
 
 @pytest.mark.parametrize("modality", ["image", "text"])

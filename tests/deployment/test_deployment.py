@@ -26,7 +26,7 @@ import pytest
 from certificates import make_certificates
 from flower_cli import register_node_key, write_connection
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 240.0  # seconds from `flwr run` to summary.json
 ROUND_TIMEOUT = 45.0  # seconds, the crash test's round deadline

@@ -218,7 +218,7 @@ def test_pyproject_declares_the_flower_app_with_every_setting():
 
     from flwr.common.config import validate_fields_in_config
 
-    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     valid, errors, _ = validate_fields_in_config(pyproject)
     assert valid, errors
     from fedlite.export.federated import ExportRunConfig
