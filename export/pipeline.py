@@ -375,6 +375,22 @@ def format_data_sources(sources: dict) -> str:
     return "\n".join(lines)
 
 
+def format_export_summary(result: ExportResult) -> str:
+    """What ``fedlite export`` prints: teacher and student, the parity table, the data each step read,
+    and the bundle written."""
+    meta, report = result.meta, result.meta["export"]
+    pruned = report.get("prune")
+    size = sum(f["bytes"] for f in meta["files"].values())
+    return "\n".join([
+        f"teacher: {meta['teacher']['preset']}, {report['teacher_parameters'] / 1e6:.2f}M parameters; "
+        f"student: {report['student']['name']}"
+        + (f", pruned {pruned['parameters_before'] / 1e6:.2f}M -> {pruned['parameters_after'] / 1e6:.2f}M"
+           if pruned else ""),
+        format_report(result.parity), format_data_sources(meta["data_sources"]),
+        f"bundle: {result.bundle} ({size / 1e6:.1f} MB, {meta['model']['parameters'] / 1e6:.2f}M "
+        f"parameters{', INT8' if meta['quantization'] else ', FP32'})"])
+
+
 def bundle_meta(ckpt: Checkpoint, student: FedMMX, specs: dict, options: ExportOptions, fusions: dict,
                  report: dict, checkpoint: str | Path) -> dict:
     cfg = student.config

@@ -40,33 +40,30 @@ def generate_key_pair(private_path: Path, public_path: Path) -> None:
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    key = _load(path, private=True)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise InputError(f"not an Ed25519 private key ({type(key).__name__})", path=path,
-                         hint="openssl genpkey -algorithm ed25519 -out key.pem")
-    return key
+    return _load(path, private=True)
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    key = _load(path, private=False)
-    if not isinstance(key, Ed25519PublicKey):
-        raise InputError(f"not an Ed25519 public key ({type(key).__name__})", path=path,
-                         hint="openssl pkey -in key.pem -pubout -out key.pub")
-    return key
+    return _load(path, private=False)
 
 
 def _load(path: str | Path, private: bool):
-    path = Path(path)
+    """An Ed25519 key from a PEM file; anything else is refused with the command that makes one."""
+    path, kind = Path(path), "private" if private else "public"
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read the key: {exc.strerror}", path=path) from None
     try:
-        if private:
-            return serialization.load_pem_private_key(data, password=None)
-        return serialization.load_pem_public_key(data)
+        key = serialization.load_pem_private_key(data, password=None) if private else \
+            serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
-        raise InputError(f"not a PEM {'private' if private else 'public'} key ({exc})", path=path) from None
+        raise InputError(f"not a PEM {kind} key ({exc})", path=path) from None
+    if not isinstance(key, Ed25519PrivateKey if private else Ed25519PublicKey):
+        raise InputError(f"not an Ed25519 {kind} key ({type(key).__name__})", path=path,
+                         hint="openssl genpkey -algorithm ed25519 -out key.pem" if private
+                         else "openssl pkey -in key.pem -pubout -out key.pub")
+    return key
 
 
 def sign_manifest(bundle: Path, key: Ed25519PrivateKey, manifest: str) -> None:

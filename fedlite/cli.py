@@ -14,8 +14,8 @@ import click
 from fedlite import __version__
 from fedlite.cli_groups import BenchGroup, ExportGroup, FedliteGroup
 from fedlite.cli_modes import ModalCommand
-from fedlite.cli_options import (TRAIN_MODES, case_input, case_options, centralized_train_config, federated_config,
-                                 train_options)
+from fedlite.cli_options import (EXPORT_MODES, TRAIN_MODES, case_input, case_options, centralized_train_config,
+                                 export_options, export_pipeline_options, federated_config, train_options)
 from fedlite.errors import InputError
 from fedlite.log_setup import setup_logging
 from fedlite.presets import PRESETS
@@ -183,138 +183,29 @@ def export() -> None:
     `fedlite export verify BUNDLE` re-checks a bundle's hashes."""
 
 
-@export.command("build")
+@export.command("build", cls=ModalCommand, modes=EXPORT_MODES)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Default: a 'bundle' directory beside CHECKPOINT.")
-@click.option("--int8", is_flag=True, help="Quantize the encoder graphs to INT8 (default: FP32).")
-@click.option("--student", default=None, help="'half' (every other teacher layer) or a preset; default: small "
-              "for the paper teacher, half otherwise.")
-@click.option("--no-distill", is_flag=True, help="Export the teacher itself (pruning and INT8 still apply).")
-@click.option("--distill-epochs", default=15, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True, help="AdamW learning rate for distillation and recovery.")
-@click.option("--alpha", default=0.0, show_default=True, help="Weight of the label loss against the teacher's "
-              "soft targets (0: the student learns the teacher's calls only, which the gate checks).")
-@click.option("--temperature", default=2.0, show_default=True, help="Softens both models' outputs in the "
-              "distillation loss.")
-@click.option("--feature-weight", default=0.0, show_default=True, help="β of the fused-representation MSE term.")
-@click.option("--prune", "prune_fraction", default=0.3, show_default=True,
-              help="Share of each layer's attention heads and FFN channels removed (0: no pruning).")
-@click.option("--prune-layers", default=0, show_default=True, help="Whole layers removed from each encoder.")
-@click.option("--recovery-epochs", default=1, show_default=True, help="With --no-distill: distillation epochs "
-              "after pruning the teacher (a new student is pruned first and its distillation recovers).")
-@click.option("--quantize", "quant_mode", type=click.Choice(["dynamic", "static"]), default="dynamic", show_default=True)
-@click.option("--isa", type=click.Choice(["avx512_vnni", "avx2", "arm64"]), default="avx512_vnni", show_default=True,
-              help="Instruction set of the hospitals' CPUs: avx512_vnni needs VNNI (it saturates on "
-                   "plain AVX2/AVX-512); avx2 runs exactly on any x86 CPU.")
-@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel.")
-@click.option("--quantize-embeddings", is_flag=True, help="Also store the word-embedding table in INT8 "
-              "(worth it with large vocabularies; fedlite's built-in one is trimmed to 1490 rows anyway).")
-@click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="Dataset for static calibration and fusion checks (default: the distillation cases).")
-@click.option("--calibration-cases", default=64, show_default=True)
-@click.option("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions.")
-@click.option("--keep-fp32", is_flag=True, help="With --int8, also write the student's FP32 graphs as "
-              "a bundle beside it (OUT-fp32), e.g. for `fedlite bench`.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Pooled cases at the coordinator: a split directory (distill on train/, verify on test/) "
-                   "or a dataset (then --eval-data). One of --sites, --data or --proxy-data is required.")
-@click.option("--proxy-data", type=click.Path(path_type=Path), default=None,
-              help="Non-patient data (public or synthetic; a dataset, or a split directory's train/) to distill, "
-                   "prune-score and calibrate on at the coordinator; needs --eval-data.")
-@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
-              help="Held-out cases the bundle is verified on (default with --data: the split's test/).")
-@click.option("--sites", "sites_split", type=click.Path(path_type=Path), default=None,
-              help="Export at the sites of this split, simulated here: distillation, pruning scores, "
-                   "calibration and verification run at each site on its own cases; only parameters and "
-                   "statistics travel. (Deployed: `flwr run . --run-config 'export-checkpoint=\"CKPT\"'`.)")
-@click.option("--site-val-fraction", default=0.2, show_default=True,
-              help="With --sites: share of each site's cases it verifies on, when it has no val/ directory.")
-@click.option("--max-accuracy-drop", default=1.0, show_default=True, help="Points below the teacher allowed.")
-@click.option("--max-auc-drop", default=0.01, show_default=True)
-@click.option("--max-stage-f1-drop", default=0.02, show_default=True,
-              help="Stage macro-F1 below the teacher's allowed.")
-@click.option("--min-agreement", default=0.9, show_default=True,
-              help="Share of held-out cases with the teacher's calls: same leukemia call and, where both "
-                   "call leukemia, same stage.")
-@click.option("--min-leukemia-agreement", default=0.97, show_default=True,
-              help="Share of held-out cases with the teacher's leukemia call.")
-@click.option("--min-auc", default=0.5, show_default=True,
-              help="The bundle's AUC must be above this, whatever the teacher's (0.5: chance).")
-@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
-              help="Sign the bundle with this Ed25519 private key (PEM; `fedlite export keygen` makes a pair).")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="Where distillation runs.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Replace an existing bundle.")
-@click.option("--json", "as_json", is_flag=True, help="Print bundle.json when done.")
-def export_build(checkpoint: Path, out: Path | None, int8: bool, student: str | None, no_distill: bool,
-                 distill_epochs: int, lr: float, alpha: float, temperature: float, feature_weight: float,
-                 prune_fraction: float, prune_layers: int, recovery_epochs: int, quant_mode: str, isa: str,
-                 per_tensor: bool, quantize_embeddings: bool, calibration: Path | None, calibration_cases: int,
-                 no_fuse: bool, keep_fp32: bool, data_dir: Path | None, proxy_data: Path | None,
-                 eval_data: Path | None, sites_split: Path | None, site_val_fraction: float,
-                 max_accuracy_drop: float, max_auc_drop: float,
-                 max_stage_f1_drop: float, min_agreement: float, min_leukemia_agreement: float,
-                 min_auc: float, sign_key: Path | None, batch_size: int, device: str, seed: int, force: bool, as_json: bool) -> None:
+@export_options
+def export_build(checkpoint: Path, **o) -> None:
     """Turn the teacher CHECKPOINT into a verified bundle for CPU servers.
 
     The data is chosen explicitly: --sites SPLIT (every step at the sites, on their own cases), --data DIR
     (pooled cases) or --proxy-data DIR with --eval-data DIR.
     The bundle is written only if it passes the parity gate against the teacher."""
-    from fedlite.export.distill import DistillConfig
-    from fedlite.export.parity import Gate, format_report
-    from fedlite.export.pipeline import ExportOptions, export_bundle, format_data_sources
-    from fedlite.export.prune import PruneConfig
-    from fedlite.export.quantize import QuantSettings
+    from fedlite.export.pipeline import export_bundle, format_export_summary
 
-    if not 0 <= prune_fraction < 1:
-        raise InputError(f"--prune must be in [0, 1), got {prune_fraction}")
-    if keep_fp32 and not int8:
-        raise InputError("--keep-fp32 keeps an FP32 copy beside an INT8 bundle", hint="add --int8 or drop --keep-fp32")
-    options = ExportOptions(
-        student=student, distill=not no_distill,
-        distill_config=DistillConfig(epochs=distill_epochs, lr=lr, alpha=alpha, temperature=temperature,
-                                     feature_weight=feature_weight, batch_size=batch_size),
-        prune=PruneConfig(fraction=prune_fraction, layers=prune_layers), recovery_epochs=recovery_epochs,
-        int8=int8, quant=QuantSettings(mode=quant_mode, isa=isa, per_channel=not per_tensor,
-                                       embeddings=quantize_embeddings),
-        calibration_cases=calibration_cases, fuse=not no_fuse,
-        gate=Gate(max_accuracy_drop=max_accuracy_drop, max_auc_drop=max_auc_drop,
-                  max_stage_f1_drop=max_stage_f1_drop, min_case_agreement=min_agreement,
-                  min_leukemia_agreement=min_leukemia_agreement, min_auc=min_auc),
-        batch_size=batch_size, device=device, seed=seed, progress=not as_json, signing_key=sign_key)
-    out = out or checkpoint.parent / "bundle"
-    if keep_fp32:
-        options = dataclasses.replace(options, fp32_copy=out.with_name(out.name + "-fp32"))
-    if sites_split is not None:
+    out = o["out"] or checkpoint.parent / "bundle"
+    options = export_pipeline_options(o, out)
+    if o["sites_split"] is not None:
         from fedlite.export.federated import EXPORT_RUN, export_simulated
 
-        given = (("--data", data_dir), ("--proxy-data", proxy_data), ("--eval-data", eval_data),
-                 ("--calibration", calibration), ("--keep-fp32", keep_fp32))
-        pooled = [name for name, value in given if value]
-        if pooled:
-            raise InputError(f"--sites exports at the sites, on their own cases: {', '.join(pooled)} do not apply",
-                             hint="drop them, or drop --sites to export on data at the coordinator")
-        run = dataclasses.replace(EXPORT_RUN, batch_size=batch_size, seed=seed, device=device,
-                                  site_val_fraction=site_val_fraction)
-        result = export_simulated(checkpoint, out, options, sites_split, run, force=force)
+        run = dataclasses.replace(EXPORT_RUN, batch_size=o["batch_size"], seed=o["seed"], device=o["device"],
+                                  site_val_fraction=o["site_val_fraction"])
+        result = export_simulated(checkpoint, out, options, o["sites_split"], run, force=o["force"])
     else:
-        result = export_bundle(checkpoint, out, options, data=data_dir, eval_data=eval_data,
-                               calibration=calibration, force=force, proxy_data=proxy_data)
-    if as_json:
-        click.echo(json.dumps(result.meta, indent=2))
-        return
-    report = result.meta["export"]
-    pruned = report.get("prune")
-    click.echo(f"teacher: {result.meta['teacher']['preset']}, {report['teacher_parameters'] / 1e6:.2f}M parameters; "
-               f"student: {report['student']['name']}"
-               + (f", pruned {pruned['parameters_before'] / 1e6:.2f}M -> {pruned['parameters_after'] / 1e6:.2f}M"
-                  if pruned else ""))
-    click.echo(format_report(result.parity))
-    click.echo(format_data_sources(result.meta["data_sources"]))
-    size = sum(f["bytes"] for f in result.meta["files"].values())
-    click.echo(f"bundle: {result.bundle} ({size / 1e6:.1f} MB, {result.meta['model']['parameters'] / 1e6:.2f}M "
-               f"parameters{', INT8' if int8 else ', FP32'})")
+        result = export_bundle(checkpoint, out, options, data=o["data_dir"], eval_data=o["eval_data"],
+                               calibration=o["calibration"], force=o["force"], proxy_data=o["proxy_data"])
+    click.echo(json.dumps(result.meta, indent=2) if o["as_json"] else format_export_summary(result))
 
 
 @export.command("verify")

@@ -30,6 +30,15 @@ def option_section(title: str, modes: tuple[str, ...], *options: tuple[tuple, di
     return apply
 
 
+def option_sections(*sections: Callable) -> Callable:
+    """Decorator: ``option_section``s in the order given, as ``--help`` shows them."""
+    def apply(command: Callable) -> Callable:
+        for section in reversed(sections):
+            command = section(command)
+        return command
+    return apply
+
+
 def opt(*decls, **kwargs) -> tuple[tuple, dict]:
     """One option of an ``option_section``: click.option's arguments, kept for later."""
     return decls, kwargs
@@ -71,7 +80,10 @@ class ModalCommand(click.Command):
             if isinstance(param, ModeOption):
                 heading = param.section + (f" ({', '.join(param.modes)})" if param.modes else "")
             sections.setdefault(heading, []).append(record)
+        sections["Options"] = sections.pop("Options", [])  # --help last, after the command's own sections
         for heading, rows in sections.items():
+            if not rows:
+                continue
             with formatter.section(heading):
                 formatter.write_dl(rows)
 

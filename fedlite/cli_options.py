@@ -1,5 +1,6 @@
-"""Option groups of the long commands, and what their values become: ``fedlite train``'s options by
-section and mode, and the one-case-or-a-dataset input that ``predict`` and ``explain`` share.
+"""Option groups of the long commands, and what their values become: ``fedlite train``'s and
+``fedlite export``'s options by section and kind of run, and the one-case-or-a-dataset input that
+``predict`` and ``explain`` share.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from fedlite.cli_modes import opt, option_section
+from fedlite.cli_modes import opt, option_section, option_sections
 from fedlite.errors import InputError
 from fedlite.federated.config import AGGREGATIONS
 from fedlite.presets import FUSIONS, MODALITIES, PRESETS
@@ -23,13 +24,7 @@ CENTRAL, FEDERATED, EDGE = ("centralized",), ("federated",), ("edge",)
 _PATH = click.Path(path_type=Path)
 
 
-def train_options(command: Callable) -> Callable:
-    for section in reversed(_TRAIN_SECTIONS):
-        command = section(command)
-    return command
-
-
-_TRAIN_SECTIONS = (
+train_options = option_sections(
     option_section(
         "Kind of run", (),
         opt("--centralized", is_flag=True,
@@ -143,6 +138,118 @@ def federated_config(o: dict):
         **{name: o[name] for name in same}, **paths, split_dir=str(o["data_dir"]),
         out=str(o["out"] or Path("runs/federated")), local_epochs=o["epochs"], topk_fraction=o["topk"],
         proximal_mu=o["proximal_mu"] if o["strategy"] == "fedprox" else 0.0)
+
+
+# fedlite export's kinds of run: on cases at the coordinator, or each step at the sites (--sites)
+EXPORT_MODES = {"pooled": (None, "exports on cases at the coordinator", ""),
+                "federated": ("sites_split", "exports at the sites (--sites)", ", which use only the sites' own cases")}
+
+
+export_options = option_sections(
+    option_section(
+        "Student and distillation", (),
+        opt("--student", default=None, help="'half' (every other teacher layer) or a preset; default: small "
+            "for the paper teacher, half otherwise."),
+        opt("--no-distill", is_flag=True, help="Export the teacher itself (pruning and INT8 still apply)."),
+        opt("--distill-epochs", default=15, show_default=True),
+        opt("--lr", default=1e-3, show_default=True, help="AdamW learning rate for distillation and recovery."),
+        opt("--alpha", default=0.0, show_default=True, help="Weight of the label loss against the teacher's "
+            "soft targets (0: the student learns the teacher's calls only, which the gate checks)."),
+        opt("--temperature", default=2.0, show_default=True, help="Softens both models' outputs in the "
+            "distillation loss."),
+        opt("--feature-weight", default=0.0, show_default=True, help="β of the fused-representation MSE term."),
+        opt("--prune", "prune_fraction", default=0.3, show_default=True,
+            help="Share of each layer's attention heads and FFN channels removed (0: no pruning)."),
+        opt("--prune-layers", default=0, show_default=True, help="Whole layers removed from each encoder."),
+        opt("--recovery-epochs", default=1, show_default=True, help="With --no-distill: distillation epochs "
+            "after pruning the teacher (a new student is pruned first and its distillation recovers).")),
+    option_section(
+        "Quantization", (),
+        opt("--int8", is_flag=True, help="Quantize the encoder graphs to INT8 (default: FP32)."),
+        opt("--quantize", "quant_mode", type=click.Choice(["dynamic", "static"]), default="dynamic",
+            show_default=True),
+        opt("--isa", type=click.Choice(["avx512_vnni", "avx2", "arm64"]), default="avx512_vnni", show_default=True,
+            help="Instruction set of the hospitals' CPUs: avx512_vnni needs VNNI (it saturates on "
+                 "plain AVX2/AVX-512); avx2 runs exactly on any x86 CPU."),
+        opt("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel."),
+        opt("--quantize-embeddings", is_flag=True, help="Also store the word-embedding table in INT8 "
+            "(worth it with large vocabularies; fedlite's built-in one is trimmed to 1490 rows anyway)."),
+        opt("--calibration-cases", default=64, show_default=True),
+        opt("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions.")),
+    option_section(
+        "Cases at the coordinator", ("pooled",),
+        opt("--data", "data_dir", type=_PATH, default=None,
+            help="Pooled cases: a split directory (distill on train/, verify on test/) or a dataset (then "
+                 "--eval-data). One of --sites, --data or --proxy-data is required."),
+        opt("--proxy-data", type=_PATH, default=None,
+            help="Non-patient data (public or synthetic; a dataset, or a split directory's train/) to distill, "
+                 "prune-score and calibrate on at the coordinator; needs --eval-data."),
+        opt("--eval-data", type=_PATH, default=None,
+            help="Held-out cases the bundle is verified on (default with --data: the split's test/)."),
+        opt("--calibration", type=_PATH, default=None,
+            help="Dataset for static calibration and fusion checks (default: the distillation cases)."),
+        opt("--keep-fp32", is_flag=True, help="With --int8, also write the student's FP32 graphs as "
+            "a bundle beside it (OUT-fp32), e.g. for `fedlite bench`.")),
+    option_section(
+        "At the sites", ("federated",),
+        opt("--sites", "sites_split", type=_PATH, default=None,
+            help="Export at the sites of this split, simulated here: distillation, pruning scores, "
+                 "calibration and verification run at each site on its own cases; only parameters and "
+                 "statistics travel. (Deployed: `flwr run . --run-config 'export-checkpoint=\"CKPT\"'`.)"),
+        opt("--site-val-fraction", default=0.2, show_default=True,
+            help="Share of each site's cases it verifies on, when it has no val/ directory.")),
+    option_section(
+        "Parity gate", (),
+        opt("--max-accuracy-drop", default=1.0, show_default=True, help="Points below the teacher allowed."),
+        opt("--max-auc-drop", default=0.01, show_default=True),
+        opt("--max-stage-f1-drop", default=0.02, show_default=True, help="Stage macro-F1 below the teacher's allowed."),
+        opt("--min-agreement", default=0.9, show_default=True,
+            help="Share of held-out cases with the teacher's calls: same leukemia call and, where both "
+                 "call leukemia, same stage."),
+        opt("--min-leukemia-agreement", default=0.97, show_default=True,
+            help="Share of held-out cases with the teacher's leukemia call."),
+        opt("--min-auc", default=0.5, show_default=True,
+            help="The bundle's AUC must be above this, whatever the teacher's (0.5: chance).")),
+    option_section(
+        "Output", (),
+        opt("--out", type=_PATH, default=None, help="Default: a 'bundle' directory beside CHECKPOINT."),
+        opt("--sign", "sign_key", type=_PATH, default=None,
+            help="Sign the bundle with this Ed25519 private key (PEM; `fedlite export keygen` makes a pair)."),
+        opt("--batch-size", default=32, show_default=True),
+        opt("--device", default="auto", show_default=True, help="Where distillation runs."),
+        opt("--seed", default=0, show_default=True),
+        opt("--force", is_flag=True, help="Replace an existing bundle."),
+        opt("--json", "as_json", is_flag=True, help="Print bundle.json when done.")),
+)
+
+
+def export_pipeline_options(o: dict, out: Path):
+    """``ExportOptions`` from export's options, for a bundle written to ``out``."""
+    from fedlite.export.distill import DistillConfig
+    from fedlite.export.parity import Gate
+    from fedlite.export.pipeline import ExportOptions
+    from fedlite.export.prune import PruneConfig
+    from fedlite.export.quantize import QuantSettings
+
+    if not 0 <= o["prune_fraction"] < 1:
+        raise InputError(f"--prune must be in [0, 1), got {o['prune_fraction']}")
+    if o["keep_fp32"] and not o["int8"]:
+        raise InputError("--keep-fp32 keeps an FP32 copy beside an INT8 bundle", hint="add --int8 or drop --keep-fp32")
+    return ExportOptions(
+        student=o["student"], distill=not o["no_distill"],
+        distill_config=DistillConfig(epochs=o["distill_epochs"], lr=o["lr"], alpha=o["alpha"],
+                                     temperature=o["temperature"], feature_weight=o["feature_weight"],
+                                     batch_size=o["batch_size"]),
+        prune=PruneConfig(fraction=o["prune_fraction"], layers=o["prune_layers"]),
+        recovery_epochs=o["recovery_epochs"], int8=o["int8"],
+        quant=QuantSettings(mode=o["quant_mode"], isa=o["isa"], per_channel=not o["per_tensor"],
+                            embeddings=o["quantize_embeddings"]),
+        calibration_cases=o["calibration_cases"], fuse=not o["no_fuse"],
+        gate=Gate(max_accuracy_drop=o["max_accuracy_drop"], max_auc_drop=o["max_auc_drop"],
+                  max_stage_f1_drop=o["max_stage_f1_drop"], min_case_agreement=o["min_agreement"],
+                  min_leukemia_agreement=o["min_leukemia_agreement"], min_auc=o["min_auc"]),
+        batch_size=o["batch_size"], device=o["device"], seed=o["seed"], progress=not o["as_json"],
+        signing_key=o["sign_key"], fp32_copy=out.with_name(out.name + "-fp32") if o["keep_fp32"] else None)
 
 
 def case_options(data_help: str) -> Callable:

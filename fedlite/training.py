@@ -58,6 +58,36 @@ class TrainStats:
     peak_memory_mb: float
 
 
+class StepTally:
+    """A training call's steps, cases and summed loss, with its progress bar, clock and the device's
+    peak memory: what every training loop reports as its ``TrainStats``."""
+
+    def __init__(self, total_steps: int, device: torch.device, desc: str, progress: bool) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device, self.progress = device, progress
+        self.loss_sum = torch.zeros((), device=device)
+        self.samples = self.steps = 0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, unit="step")
+
+    def add(self, mean_loss: torch.Tensor | None, cases: int) -> None:
+        """One step that trained on ``cases`` cases at ``mean_loss`` (None: a step without cases)."""
+        if mean_loss is not None:
+            self.loss_sum += mean_loss.detach() * cases
+        self.samples += cases
+        self.steps += 1
+        self.bar.update(1)
+        if self.progress and self.steps % 10 == 0:
+            self.bar.set_postfix(loss=f"{self.loss_sum.item() / max(self.samples, 1):.4f}")
+
+    def close(self) -> TrainStats:
+        self.bar.close()
+        return TrainStats(samples=self.samples, steps=self.steps,
+                          mean_loss=float(self.loss_sum.item() / max(self.samples, 1)),
+                          seconds=time.perf_counter() - self.start, peak_memory_mb=peak_memory_mb(self.device))
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,17 +176,12 @@ def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: 
     use_prox = global_params is not None and config.proximal_mu > 0
     if use_prox:
         anchors = [global_params[n].to(device) for n, _ in named_trainable]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    loss_sum = torch.zeros((), device=device)
-    samples = steps = 0
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, unit="step")
+    tally = StepTally(total_steps, device, desc, progress)
     for epoch in range(epochs):
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(first_epoch + epoch)
         for batch in loader:
-            set_linear_lr(optimizer, lr_start, lr_end, steps, total_steps, warmup_steps)
+            set_linear_lr(optimizer, lr_start, lr_end, tally.steps, total_steps, warmup_steps)
             batch = to_device(batch, device)
             with autocast_for(device):
                 out = forward_batch(model, batch)
@@ -169,15 +194,8 @@ def train_local(model: FedMMX, loader: DataLoader, config: TrainConfig, device: 
             if config.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm)
             optimizer.step()
-            loss_sum += loss.detach() * len(batch["leukemia"])
-            samples += len(batch["leukemia"])
-            steps += 1
-            bar.update(1)
-            if progress and steps % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / samples:.4f}")
-    bar.close()
-    return TrainStats(samples=samples, steps=steps, mean_loss=float(loss_sum.item() / max(samples, 1)),
-                      seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device))
+            tally.add(loss, len(batch["leukemia"]))
+    return tally.close()
 
 
 @torch.no_grad()

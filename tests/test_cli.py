@@ -1,5 +1,6 @@
-"""The command line's own rules: train refuses options that do not act in the chosen kind of run,
-every option it accepts reaches the run's settings, and predict/explain take one case or a dataset."""
+"""The command line's own rules: train and export refuse options that do not act in the chosen kind
+of run, every option a federated run accepts reaches its settings, and predict/explain take one case
+or a dataset."""
 
 from __future__ import annotations
 
@@ -8,20 +9,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fedlite.cli import main, train
+from fedlite.cli import export_build, main, train
 from fedlite.cli_modes import ModeOption
 from fedlite.cli_options import federated_config
 
-MODE_ARGS = {"centralized": ["--centralized"], "federated": [], "edge": ["--edge", "bundle"],
-             "resume": ["--resume", "run"]}
+MODE_ARGS = {"train": {"centralized": ["--centralized"], "federated": [], "edge": ["--edge", "bundle"],
+                       "resume": ["--resume", "run"]},
+             "export": {"pooled": ["ckpt"], "federated": ["ckpt", "--sites", "split"]}}
+COMMANDS = {"train": train, "export": export_build}
 
 
 def _invoke(args: list[str]):
     return CliRunner().invoke(main, args)
-
-
-def _option(name: str) -> ModeOption:
-    return next(p for p in train.params if p.name == name)
 
 
 def _value_for(param: ModeOption) -> list[str]:
@@ -35,18 +34,21 @@ def _value_for(param: ModeOption) -> list[str]:
     return [param.opts[0], str(param.default + 1) if isinstance(param.default, int) else "0.3"]
 
 
-@pytest.mark.parametrize("mode", sorted(MODE_ARGS))
-def test_train_refuses_every_option_that_does_not_act_in_the_kind_of_run(mode, tmp_path):
-    foreign = [p for p in train.params if isinstance(p, ModeOption) and p.modes and mode not in p.modes]
-    assert foreign, f"every option acts in {mode} runs?"
+@pytest.mark.parametrize("command,mode", [(c, m) for c, modes in MODE_ARGS.items() for m in modes])
+def test_options_that_do_not_act_in_the_kind_of_run_are_refused(command, mode):
+    flags = {flag for flag, *_ in COMMANDS[command].modes.values()}
+    foreign = [p for p in COMMANDS[command].params
+               if isinstance(p, ModeOption) and p.modes and mode not in p.modes and p.name not in flags]
+    assert foreign, f"every option of {command} acts in {mode} runs?"
     for param in foreign:
-        result = _invoke(["train", *MODE_ARGS[mode], *_value_for(param)])
+        result = _invoke([command, *MODE_ARGS[command][mode], *_value_for(param)])
         assert result.exit_code == 2, (param.name, result.output)
         assert f"{param.opts[0]} does not apply to" in result.output and "drop it" in result.output
 
 
-def test_every_train_option_has_a_help_section_and_the_help_names_the_modes():
-    assert all(isinstance(p, ModeOption) for p in train.params if p.name != "help")
+def test_every_option_has_a_help_section_and_the_help_names_the_modes():
+    for command in COMMANDS.values():
+        assert all(isinstance(p, ModeOption) for p in command.params if p.name != "help" and p.opts[0][0] == "-")
     text = _invoke(["train", "--help"]).output
     for heading in ("Kind of run:", "Model (centralized, federated):", "Pooled training (centralized):",
                     "Rounds (federated, edge):", "Full-model rounds (federated):", "Edge fine-tuning (edge):"):

@@ -14,6 +14,7 @@ driver maps each simulated node's ``partition-id`` to a site of a split instead 
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,9 @@ from flwr.clientapp import ClientApp
 from fedlite.federated.preflight import check_own_data, data_check_reply
 from fedlite.federated.site import site_paths
 from fedlite.federated.site_guard import guarded
+
+# the modules of the jobs a site runs, imported when their first message arrives
+TRAINING, EDGE, EXPORT = "fedlite.federated.site_training", "fedlite.agents.edge_client", "fedlite.export.site_tasks"
 
 
 def check_site_data(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
@@ -37,46 +41,27 @@ def make_client_app(split_dir: str | Path | None = None, site_defaults: dict[str
     client = ClientApp()
     defaults = site_defaults or {}
 
-    @client.train()
-    @guarded
-    def train(msg: Message, context: Context) -> Message:
-        if msg.content["config"].get("mode") == "edge":
-            from fedlite.agents.edge_client import edge_train
-
-            return edge_train(msg, context, split_dir, defaults)
-        from fedlite.federated.site_training import train_site
-
-        return train_site(msg, context, split_dir)
-
-    @client.evaluate()
-    @guarded
-    def evaluate(msg: Message, context: Context) -> Message:
-        if msg.content["config"].get("mode") == "edge":
-            from fedlite.agents.edge_client import edge_evaluate
-
-            return edge_evaluate(msg, context, split_dir, defaults)
-        from fedlite.federated.site_training import evaluate_site
-
-        return evaluate_site(msg, context, split_dir)
-
-    @client.query("datacheck")
-    @guarded
-    def datacheck(msg: Message, context: Context) -> Message:
-        return check_site_data(msg, context, split_dir)
-
-    # The federated export's jobs (export/site_tasks.py).
-    def export_task(name: str) -> Callable[[Message, Context], Message]:
+    def job(module: str, name: str) -> Callable[[Message, Context], Message]:
+        """Handler ``name`` of ``module``, imported when its first message arrives."""
         def handle(msg: Message, context: Context) -> Message:
-            from fedlite.export import site_tasks
+            return getattr(importlib.import_module(module), name)(msg, context, split_dir, defaults)
+        return handle
 
-            return getattr(site_tasks, name)(msg, context, split_dir, defaults)
+    def by_mode(edge: Callable, full: Callable) -> Callable[[Message, Context], Message]:
+        """Edge fine-tuning's handler for an edge run's messages, the training job's for the others."""
+        def handle(msg: Message, context: Context) -> Message:
+            return (edge if msg.content["config"].get("mode") == "edge" else full)(msg, context)
         return guarded(handle)
 
-    client.query("teacher")(export_task("receive_teacher"))
-    client.train("distill")(export_task("distill_site"))
-    client.query("importance")(export_task("importance_site"))
-    client.query("calibrate")(export_task("calibrate_site"))
-    client.evaluate("parity")(export_task("parity_site"))
+    client.train()(by_mode(job(EDGE, "edge_train"), job(TRAINING, "train_site")))
+    client.evaluate()(by_mode(job(EDGE, "edge_evaluate"), job(TRAINING, "evaluate_site")))
+    client.query("datacheck")(guarded(lambda msg, context: check_site_data(msg, context, split_dir)))
+    # the federated export's jobs
+    client.query("teacher")(guarded(job(EXPORT, "receive_teacher")))
+    client.train("distill")(guarded(job(EXPORT, "distill_site")))
+    client.query("importance")(guarded(job(EXPORT, "importance_site")))
+    client.query("calibrate")(guarded(job(EXPORT, "calibrate_site")))
+    client.evaluate("parity")(guarded(job(EXPORT, "parity_site")))
     return client
 
 

@@ -5,7 +5,6 @@ every round the site has trained, not just the last one."""
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -16,12 +15,11 @@ from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from fedlite.errors import InputError
 from fedlite.model import FedMMX, FedMMXOutput
-from fedlite.training import (TrainConfig, TrainStats, autocast_for, forward_batch, peak_memory_mb,
-                              make_optimizer, set_linear_lr, to_device)
+from fedlite.training import (StepTally, TrainConfig, TrainStats, autocast_for, forward_batch, make_optimizer,
+                              set_linear_lr, to_device)
 
 ACCOUNTANT = "rdp"
 # Opacus attaches these to modules during a step; an interrupted step can leave them behind.
@@ -166,22 +164,20 @@ def per_case_multitask_loss(out: FedMMXOutput, leukemia: torch.Tensor, stage: to
     return (ce_leukemia + gamma * positive * ce_stage).mean()
 
 
-def _private_step(private: PrivateTraining, batch: dict | None, device: torch.device, gamma: float,
-                  loss_sum: torch.Tensor) -> int:
-    """One DP-SGD step; adds the batch's summed loss to ``loss_sum`` and returns its case count."""
+def _private_step(private: PrivateTraining, batch: dict | None, device: torch.device,
+                  gamma: float) -> tuple[torch.Tensor | None, int]:
+    """One DP-SGD step; returns the batch's mean loss (None for an empty batch) and its case count."""
     private.optimizer.zero_grad(set_to_none=True)
     if batch is None:
         private.step_without_cases()
-        return 0
+        return None, 0
     batch = to_device(batch, device)
     with autocast_for(device):
         out = forward_batch(private.model, batch)
     loss = per_case_multitask_loss(out, batch["leukemia"], batch["stage"], gamma)
     loss.backward()
     private.optimizer.step()
-    cases = len(batch["leukemia"])
-    loss_sum += loss.detach() * cases
-    return cases
+    return loss, len(batch["leukemia"])
 
 
 def dp_train_local(model: FedMMX, loader: DataLoader, train_config: TrainConfig, device: torch.device,
@@ -203,12 +199,7 @@ def dp_train_local(model: FedMMX, loader: DataLoader, train_config: TrainConfig,
                            accountant_state)
     optimizer = private.optimizer
     total_steps = max(1, epochs * len(private.loader))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    loss_sum = torch.zeros((), device=device)
-    samples = steps = 0
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, unit="step")
+    tally = StepTally(total_steps, device, desc, progress)
     with warnings.catch_warnings():
         # Expected with frozen encoders: the fusion layer's inputs need no gradient.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -217,16 +208,10 @@ def dp_train_local(model: FedMMX, loader: DataLoader, train_config: TrainConfig,
                 if hasattr(loader.dataset, "set_epoch"):
                     loader.dataset.set_epoch(epoch)
                 for batch in private.loader:
-                    set_linear_lr(optimizer, lr_start, lr_end, steps, total_steps)
-                    samples += _private_step(private, batch, device, train_config.gamma, loss_sum)
-                    steps += 1
-                    bar.update(1)
-                    if progress and steps % 10 == 0:
-                        bar.set_postfix(loss=f"{loss_sum.item() / max(samples, 1):.4f}")
+                    set_linear_lr(optimizer, lr_start, lr_end, tally.steps, total_steps)
+                    tally.add(*_private_step(private, batch, device, train_config.gamma))
         finally:
-            bar.close()
+            stats = tally.close()
             optimizer.zero_grad(set_to_none=True)
             private.unwrap()
-    stats = TrainStats(samples=samples, steps=steps, mean_loss=float(loss_sum.item() / max(samples, 1)),
-                       seconds=time.perf_counter() - start, peak_memory_mb=peak_memory_mb(device))
     return stats, private.accountant_state()

@@ -61,12 +61,13 @@ def global_model(msg: Message, cfg: FederatedConfig, context: Context):
     return model, global_arrays
 
 
-def train_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
+def train_site(msg: Message, context: Context, split_dir: str | Path | None = None,
+               defaults: dict[str, str] | None = None) -> Message:
     compute_start = time.time()  # wall clock, so the server can tell its sites' work from transport
     flat = dict(msg.content["config"])
     cfg = FederatedConfig.from_flat(flat)
     server_round = int(flat["server-round"])
-    data_dir = site_paths(context, split_dir).data_dir
+    data_dir = site_paths(context, split_dir, defaults).data_dir
     model, global_arrays = global_model(msg, cfg, context)
 
     dataset = cached_dataset(data_dir, cfg, model, "train")
@@ -77,11 +78,12 @@ def train_site(msg: Message, context: Context, split_dir: str | Path | None = No
     return update_reply(msg, update, data_dir.name, cfg.compress)
 
 
-def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None = None) -> Message:
+def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None = None,
+                  defaults: dict[str, str] | None = None) -> Message:
     """Score the global model on this site's validation part; reply with counts and sums only."""
     start = time.perf_counter()
     cfg = FederatedConfig.from_flat(dict(msg.content["config"]))
-    data_dir = site_paths(context, split_dir).data_dir
+    data_dir = site_paths(context, split_dir, defaults).data_dir
     model, _ = global_model(msg, cfg, context)
     dataset = cached_dataset(data_dir, cfg, model, "val")
     if len(dataset):
