@@ -70,6 +70,11 @@ class ModalityExplanation:
         return [int(i) for i in order[:k]]
 
 
+def stage_phrase(name: str) -> str:
+    """A stage as a sentence names it: 'Stage II' stays, a bare 'II' becomes 'stage II'."""
+    return name if name.lower().startswith("stage") else f"stage {name}"
+
+
 @dataclass
 class CaseExplanation:
     output_names: list[str]  # ["P(leukemia)", "P(stage <predicted>)"]
@@ -93,7 +98,7 @@ class CaseExplanation:
         """One line: the case's prediction and how long explaining it took."""
         pred, took = self.prediction, self.timings
         return (f"{case_id}: {pred['leukemia']} (P = {pred['leukemia_probability']:.3f}"
-                + (f", stage {pred['stage']}" if pred["stage"] else "") + f"), explained in "
+                + (f", {stage_phrase(pred['stage'])}" if pred["stage"] else "") + f"), explained in "
                 f"{took['total_seconds']:.2f} s (image {took['image_seconds']:.2f} s, note {took['text_seconds']:.2f} s)")
 
     def joint_profile(self, output: int, weight: float) -> np.ndarray:
@@ -276,7 +281,7 @@ def explain_case(runtime: BundleRuntime, pixels: np.ndarray, note: str,
         "note_truncated": bool(encoding.overflowing),
     }
     return CaseExplanation(
-        output_names=["P(leukemia)", f"P(stage {stage_name})"], prediction=prediction, image=image, text=text,
+        output_names=["P(leukemia)", f"P({stage_phrase(stage_name)})"], prediction=prediction, image=image, text=text,
         grid=pixels.shape[-1] // patch, tokens=list(encoding.tokens), words=group_words(encoding),
         timings={"embed_seconds": embed_seconds, "image_seconds": image.seconds, "text_seconds": text.seconds,
                  "total_seconds": time.perf_counter() - start},

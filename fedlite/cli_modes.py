@@ -1,6 +1,7 @@
-"""Commands with modes (``fedlite train`` federated, ``--centralized``, ``--edge``, ``--resume``): each
-option names the modes it acts in, an option given in another mode is refused instead of silently
-ignored, and ``--help`` lists the options in sections headed by the modes they apply to.
+"""Commands with modes (``fedlite train``: federated, ``--centralized``, ``--edge``, ``--resume``;
+``fedlite export``: on cases at the coordinator or ``--sites``): each option names the modes it acts
+in, an option given in another mode is refused instead of silently ignored, and ``--help`` lists the
+options in sections headed by the modes they apply to.
 """
 
 from __future__ import annotations

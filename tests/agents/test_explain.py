@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from fedlite.agents.explain import (ExplainSettings, NoteTokenizer, explain_case, explain_image, explain_text,
-                                    patch_baseline)
+                                    patch_baseline, stage_phrase)
 from fedlite.agents.explain_report import write_explanation
 from fedlite.agents.interpretability import consistency, sparsity
 from fedlite.agents.runtime import BundleRuntime
@@ -84,7 +84,7 @@ def test_bundle_explanation_adds_up_to_its_prediction(teacher_bundle, case):
     assert expl.text.values.shape == (len(expl.tokens), 2)
     assert expl.image.additivity_error.max() < 1e-4 and expl.text.additivity_error.max() < 1e-4
     assert np.abs(expl.text.values).sum() > 0 and np.abs(expl.image.values).sum() > 0
-    assert expl.output_names == ["P(leukemia)", f"P(stage {runtime.stage_names[stage]})"]
+    assert expl.output_names == ["P(leukemia)", f"P({stage_phrase(runtime.stage_names[stage])})"]
     profile = expl.joint_profile(0, 0.3)
     assert profile.shape == (expl.grid ** 2 + len(expl.tokens),)
     assert np.linalg.norm(profile[:expl.grid ** 2]) == pytest.approx(0.3)
