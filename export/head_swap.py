@@ -35,7 +35,9 @@ def fusion_head_from_weights(meta: dict, weights: dict[str, np.ndarray]):
     from fedlite.model import FusionHead
 
     model = meta["model"]
-    if "fusion.proj.weight" in weights:
+    if model["fusion"] == "none":
+        fusion_dim = 0  # no fusion layer: the heads read [z ‖ h]
+    elif "fusion.proj.weight" in weights:
         fusion_dim = weights["fusion.proj.weight"].shape[0]
     else:
         fusion_dim = weights.get("fusion.image_proj.weight", weights["fusion.gate.weight"]).shape[0]

@@ -128,23 +128,24 @@ def train(**o) -> None:
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path))
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def evaluate(checkpoint: Path, data_dir: Path, batch_size: int, device: str, as_json: bool) -> None:
-    """Accuracy, AUC, stage macro-P/R/F1 and confusion matrix of CHECKPOINT on a dataset."""
+def evaluate(checkpoints: tuple[Path, ...], data_dir: Path, batch_size: int, device: str, as_json: bool) -> None:
+    """Accuracy, AUC, stage macro-P/R/F1 and confusion matrix of CHECKPOINT on a dataset; of several
+    checkpoints' averaged probabilities (late fusion, e.g. an image-only and a text-only run)."""
     from fedlite.checkpoint import read_checkpoint_meta
-    from fedlite.evaluate import evaluate_checkpoint
+    from fedlite.evaluate import evaluate_late_fusion
     from fedlite.metrics import format_metrics
 
-    metrics = evaluate_checkpoint(checkpoint, data_dir, device=device, batch_size=batch_size,
-                                  progress=not as_json)
+    metrics = evaluate_late_fusion(list(checkpoints), data_dir, device=device, batch_size=batch_size,
+                                   progress=not as_json)
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
     else:
-        click.echo(format_metrics(metrics, read_checkpoint_meta(checkpoint)["stage_names"]))
+        click.echo(format_metrics(metrics, read_checkpoint_meta(checkpoints[0])["stage_names"]))
 
 
 @main.command()

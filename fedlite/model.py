@@ -77,12 +77,22 @@ class GatedFusion(nn.Module):
         return alpha * self.image_proj(z) + (1 - alpha) * self.text_proj(h)
 
 
+class NoFusion(nn.Module):
+    """r = [z ‖ h]: the embeddings straight into the heads, the ablation without a fusion layer."""
+
+    def forward(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts, dim=-1)
+
+
 def make_fusion(kind: str, image_dim: int | None, text_dim: int | None, fusion_dim: int) -> tuple[nn.Module, int]:
     """The fusion layer for the embeddings present (None: that modality is absent), and its width."""
+    present = [d for d in (image_dim, text_dim) if d is not None]
+    if kind == "none":
+        return NoFusion(), sum(present)
     if kind == "gated":
         fusion = GatedFusion(image_dim, text_dim, fusion_dim)
         return fusion, fusion.out_dim
-    return ConcatFusion([d for d in (image_dim, text_dim) if d is not None], fusion_dim), fusion_dim
+    return ConcatFusion(present, fusion_dim), fusion_dim
 
 
 @dataclass

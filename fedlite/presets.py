@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from fedlite.errors import InputError
 
-FUSIONS = ("concat", "gated")
+FUSIONS = ("concat", "gated", "none")  # none: [z ‖ h] straight into the heads (the paper's ablation)
 MODALITIES = ("both", "image", "text")
 
 

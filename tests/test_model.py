@@ -17,7 +17,7 @@ def _inputs(config, batch=2, seq=12):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "paper"])
-@pytest.mark.parametrize("fusion", ["concat", "gated"])
+@pytest.mark.parametrize("fusion", ["concat", "gated", "none"])
 def test_output_shapes_for_each_preset_and_fusion(preset, fusion):
     torch.manual_seed(0)
     config = get_preset(preset, fusion=fusion)
@@ -160,3 +160,14 @@ def test_text_weights_load_from_a_local_transformers_directory(tmp_path):
     assert tok.encode("WBC 30").tokens[0] == "[CLS]"
     with pytest.raises(InputError, match="not a BERT model directory"):
         build_model(get_preset("tiny"), text_weights=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("modality", ["both", "image", "text"])
+def test_without_a_fusion_layer_the_heads_read_the_embeddings_themselves(modality):
+    model = FedMMX(get_preset("tiny", fusion="none", modality=modality)).eval()
+    z = torch.randn(3, 64) if modality != "text" else None
+    h = torch.randn(3, 64) if modality != "image" else None
+    out = model.classify(z, h)
+    joined = torch.cat([e for e in (z, h) if e is not None], dim=-1)
+    assert torch.equal(out.fused, joined) and not list(model.fusion.parameters())
+    assert torch.allclose(out.leukemia_logits, model.leukemia_head(joined))
