@@ -85,9 +85,10 @@ def modality_changes(expl: CaseExplanation, output: int) -> dict:
 
 
 def colour_bound(expl: CaseExplanation, output: int) -> float:
-    """One colour scale for both modalities of an output, so a modality that moved it little looks pale."""
+    """One colour scale for both modalities of an output, so a modality that moved it little looks
+    pale; never finer than NO_CHANGE, so values that together change nothing never look strong."""
     words = [abs(v) for v in expl.word_values(output)]
-    return max(float(np.abs(expl.image.values[:, output]).max(initial=0.0)), max(words, default=0.0))
+    return max(float(np.abs(expl.image.values[:, output]).max(initial=0.0)), max(words, default=0.0), NO_CHANGE)
 
 
 def render_png(expl: CaseExplanation, smear_rgb: np.ndarray) -> bytes:
@@ -103,7 +104,7 @@ def render_png(expl: CaseExplanation, smear_rgb: np.ndarray) -> bytes:
     size = smear_rgb.shape[0]
     for o, ax in enumerate(axes[1:]):
         values = expl.image_map(o)
-        bound = colour_bound(expl, o) or 1.0
+        bound = colour_bound(expl, o)
         ax.imshow(smear_rgb)
         shown = ax.imshow(values, cmap="bwr", vmin=-bound, vmax=bound, alpha=0.55,
                           extent=(0, size, size, 0), interpolation="nearest")

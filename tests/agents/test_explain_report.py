@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 
 from fedlite.agents.explain import CaseExplanation, ModalityExplanation
-from fedlite.agents.explain_report import colour_bound, contrast_ratio, modality_changes, text_colour, write_explanation
+from fedlite.agents.explain_report import (NO_CHANGE, colour_bound, contrast_ratio, modality_changes, text_colour,
+                                          write_explanation)
 
 NOTE = "Marked leukocytosis with blasts; fatigue and bruising."
 WORDS = [(0, 6), (7, 19), (20, 24), (25, 31), (33, 40), (41, 44), (45, 53)]
 
 
-def _explanation(image_scale: float) -> CaseExplanation:
+def _explanation(image_scale: float, word_scale: float = 1.0) -> CaseExplanation:
     """Image patch values of about ``image_scale``; the note's words carry the rest of the change."""
     rng = np.random.default_rng(0)
-    word_values = np.array([[0.30, 0.05], [-0.20, 0.02], [0.01, 0.0], [0.15, -0.1], [-0.04, 0.3], [0.0, 0.0],
+    word_values = word_scale * np.array([[0.30, 0.05], [-0.20, 0.02], [0.01, 0.0], [0.15, -0.1], [-0.04, 0.3], [0.0, 0.0],
                             [0.08, 0.01]])
     text_values = np.vstack([np.zeros((1, 2)), word_values, np.zeros((1, 2))])  # [CLS] words [SEP]
     image_values = rng.normal(0, image_scale, (4, 2))
@@ -79,3 +80,12 @@ def test_both_modalities_share_one_colour_scale():
     expl = _explanation(1e-5)
     assert colour_bound(expl, 0) == pytest.approx(0.30)  # the strongest word, not the faint patches
     assert modality_changes(expl, 0)["image"]["share"] < 1e-3
+
+
+def test_values_that_change_nothing_look_pale(tmp_path):
+    expl = _explanation(1e-6, word_scale=1e-5)  # the whole note moves the output by about 3e-6
+    assert colour_bound(expl, 0) == NO_CHANGE
+    page, _ = _written(expl, tmp_path)
+    backgrounds = re.findall(r'<span style="background:(#[0-9a-f]{6})', page)
+    assert min(min(_rgb(bg)) for bg in backgrounds) >= 250  # all but white
+    assert "the note contributed nothing" in page and "the image contributed nothing" in page
