@@ -16,6 +16,7 @@ from fedlite.cli_groups import BenchGroup, ExportGroup, FedliteGroup
 from fedlite.cli_modes import ModalCommand
 from fedlite.cli_options import (EXPORT_MODES, TRAIN_MODES, case_input, case_options, centralized_train_config,
                                  export_options, export_pipeline_options, federated_config, train_options)
+from fedlite.data.corruption import CORRUPTIONS
 from fedlite.errors import InputError
 from fedlite.log_setup import setup_logging
 from fedlite.presets import PRESETS
@@ -71,6 +72,23 @@ def data_split(data_dir: Path, clients: int, alpha: float, test_fraction: float,
                             seed=seed, force=force)
     click.echo(format_split_table(summary))
     click.echo(f"\nwrote {summary.out_dir}")
+
+
+@data.command("corrupt")
+@click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--kind", type=click.Choice(CORRUPTIONS), required=True)
+@click.option("--strength", type=float, required=True,
+              help="blur: standard deviation in pixels; noise: standard deviation as a share of 0-255.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+def data_corrupt(data_dir: Path, out: Path, kind: str, strength: float, seed: int, force: bool) -> None:
+    """A copy of DATA with every image blurred or noised, to score how a model holds up on poor slides
+    (`fedlite evaluate CKPT --data OUT`, `fedlite predict BUNDLE --data OUT`)."""
+    from fedlite.data.corruption import corrupted_copy
+
+    copy = corrupted_copy(data_dir, out, kind, strength, seed=seed, force=force)
+    click.echo(f"wrote {len(copy)} cases with {kind} {strength:g} to {copy.root}")
 
 
 @data.command("check")
