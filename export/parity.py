@@ -34,7 +34,7 @@ class Gate:
     max_stage_f1_drop: float = 0.02
     min_case_agreement: float = 0.9  # same leukemia call and, where both call positive, same stage
     min_leukemia_agreement: float = 0.97
-    min_auc: float = 0.5  # an absolute floor: the bundle must call better than chance
+    min_auc: float = 0.5  # an absolute floor: the bundle must call better than chance; 0 sets none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +132,7 @@ def gate_failures(report: dict, candidate: str, gate: Gate) -> list[str]:
     if broken:  # whatever the gate allows: a number that is not one means a broken model or an empty set
         return [f"{', '.join(broken)} not a number: a model or the verification set is broken"]
     failures = []
-    if got["auc"] <= gate.min_auc:
+    if gate.min_auc > 0 and got["auc"] <= gate.min_auc:
         failures.append(f"AUC {got['auc']:.4f} is not above {gate.min_auc} (chance is 0.5)")
     drop = _drop(ref["accuracy"], got["accuracy"]) * 100
     if drop > gate.max_accuracy_drop:

@@ -209,7 +209,7 @@ export_options = option_sections(
         opt("--min-leukemia-agreement", default=0.97, show_default=True,
             help="Share of held-out cases with the teacher's leukemia call."),
         opt("--min-auc", default=0.5, show_default=True,
-            help="The bundle's AUC must be above this, whatever the teacher's (0.5: chance).")),
+            help="The bundle's AUC must be above this, whatever the teacher's (0.5: chance; 0: no floor).")),
     option_section(
         "Output", (),
         opt("--out", type=_PATH, default=None, help="Default: a 'bundle' directory beside CHECKPOINT."),

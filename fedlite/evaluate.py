@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedlite.checkpoint import load_checkpoint
+from fedlite.checkpoint import load_checkpoint, read_checkpoint_meta
 from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.data.manifest import Dataset, read_dataset
 from fedlite.errors import InputError
@@ -39,6 +39,8 @@ def evaluate_late_fusion(checkpoints: list[str | Path], data: str | Path, device
     text-only model); one checkpoint is scored as it is."""
     if not checkpoints:
         raise InputError("late fusion needs at least one checkpoint")
+    for checkpoint in checkpoints:  # every checkpoint is checked before the data is read
+        read_checkpoint_meta(checkpoint)
     dataset = read_dataset(data)
     dev = resolve_device(device)
     outputs = [checkpoint_probabilities(c, dataset, dev, batch_size, progress) for c in checkpoints]

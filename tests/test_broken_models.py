@@ -71,6 +71,9 @@ def test_the_gate_has_a_floor_at_chance_whatever_the_teacher():
     report["models"]["teacher"]["auc"] = 0.5
     assert any("not above 0.5" in f for f in gate_failures(report, "bundle", Gate()))
     assert gate_failures(report, "bundle", NO_GATE) == []
+    report["models"]["bundle"]["auc"] = 0.0  # a few verification cases can rank every pair the wrong way
+    assert gate_failures(report, "bundle", NO_GATE) == []
+    assert any("not above 0.5" in f for f in gate_failures(report, "bundle", Gate()))
 
 
 def test_records_are_strict_json_with_undefined_metrics_as_null():
