@@ -41,6 +41,13 @@ def _top(importance: dict, k: int) -> set:
     return {key for key, _ in sorted(importance.items(), key=lambda kv: (-kv[1], str(kv[0])))[:k]}
 
 
+def top_k_overlap(a: dict, b: dict, k: int = 10) -> float:
+    """Share (0..1) of ``a``'s k features of largest |φ| that are also among ``b``'s: whether two
+    models (a bundle and its teacher) point at the same patches or words for a case."""
+    top_a = _top({key: abs(v) for key, v in a.items()}, k)
+    return len(top_a & _top({key: abs(v) for key, v in b.items()}, k)) / len(top_a) if top_a else float("nan")
+
+
 def _mean_importance(profiles: list[dict], cases: np.ndarray) -> dict:
     total: dict = {}
     for i in cases:

@@ -28,5 +28,6 @@ def test_help_lists_only_working_commands():
     result = CliRunner().invoke(main, ["--help"])
     commands = result.output.split("Commands:")[1].split()
     listed = {w for w in commands if w in {"data", "train", "evaluate", "quickstart", "export", "predict",
-                                           "explain", "agent", "bench"}}
-    assert listed == {"data", "train", "evaluate", "quickstart", "export", "bench", "predict", "explain", "agent"}
+                                           "explain", "agent", "bench", "report"}}
+    assert listed == {"data", "train", "evaluate", "quickstart", "export", "bench", "predict", "explain", "agent",
+                      "report"}

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlite.data.manifest import MANIFEST, Case, Dataset, read_dataset
+from fedlite.data.manifest import MANIFEST, Case, Dataset, read_dataset, write_relocated
 from fedlite.data.split import stratum
 from fedlite.errors import InputError
 
@@ -28,13 +28,9 @@ class SiteParts:
     source: str  # "val/" (the site's own) or "held out by case id"
 
 
-def _id_order(case: Case) -> str:
-    return hashlib.sha256(case.id.encode()).hexdigest()
-
-
-def holdout_by_id(cases: list[Case], fraction: float) -> tuple[list[Case], list[Case]]:
-    """round(fraction × n) cases of every stratum held out, the ones whose id hashes lowest.
-    Both parts keep the input order."""
+def holdout_by_id(cases: list[Case], fraction: float, salt: str = "") -> tuple[list[Case], list[Case]]:
+    """round(fraction × n) cases of every stratum held out, the ones whose (salted) id hashes
+    lowest: a smaller fraction holds out a subset of a larger one. Both parts keep the input order."""
     if not 0 <= fraction < 1:
         raise InputError(f"the site validation fraction must be in [0, 1), got {fraction!r}")
     strata: dict[int, list[Case]] = {}
@@ -43,7 +39,8 @@ def holdout_by_id(cases: list[Case], fraction: float) -> tuple[list[Case], list[
     held = set()
     for members in strata.values():
         n_val = math.floor(fraction * len(members) + 0.5)
-        held.update(c.id for c in sorted(members, key=_id_order)[:n_val])
+        ordered = sorted(members, key=lambda c: hashlib.sha256((salt + c.id).encode()).hexdigest())
+        held.update(c.id for c in ordered[:n_val])
     return [c for c in cases if c.id not in held], [c for c in cases if c.id in held]
 
 
@@ -64,3 +61,15 @@ def site_parts(data_dir: str | Path, val_fraction: float = DEFAULT_VAL_FRACTION)
         return SiteParts(data, val, f"{VAL_DIR}/")
     train, val = holdout_by_id(data.cases, val_fraction)
     return SiteParts(Dataset(data.root, data.info, train), Dataset(data.root, data.info, val), "held out by case id")
+
+
+def pooled_site_parts(split_dir: str | Path, sites: list[str], out: str | Path,
+                      val_fraction: float = DEFAULT_VAL_FRACTION) -> tuple[Path, Path]:
+    """``out/train`` and ``out/val``: the sites' training parts and their validation parts pooled, so a
+    pooled baseline trains on the cases federated training sees and is scored on those its sites
+    score on. A simulation's convenience: in a deployment no one holds these."""
+    out = Path(out)
+    parts = [site_parts(Path(split_dir) / site, val_fraction) for site in sites]
+    write_relocated(out / "train", [p.train for p in parts])
+    write_relocated(out / VAL_DIR, [p.val for p in parts])
+    return out / "train", out / VAL_DIR

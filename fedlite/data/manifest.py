@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fedlite.atomic import atomic_write_text
@@ -225,3 +225,12 @@ def write_dataset(root: str | Path, info: DatasetInfo, cases: list[Case]) -> Non
     atomic_write_text(root / DATASET_INFO, json.dumps(info.to_json(), indent=2) + "\n")
     lines = "".join(json.dumps(c.to_record(), ensure_ascii=False) + "\n" for c in cases)
     atomic_write_text(root / MANIFEST, lines)
+
+
+def write_relocated(root: str | Path, parts: list[Dataset]) -> None:
+    """The cases of ``parts`` (datasets with the same labels, e.g. a split's sites or a subset of
+    one) written as one dataset elsewhere: images stay where they are, named by absolute path, and
+    their directories are declared."""
+    dirs = list(dict.fromkeys(str(r) for part in parts for r in image_roots(part.root, part.info)))
+    info = replace(parts[0].info, extra={**parts[0].info.extra, "image_dirs": dirs})
+    write_dataset(root, info, [replace(c, image=str(part.image_path(c))) for part in parts for c in part.cases])

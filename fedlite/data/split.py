@@ -217,7 +217,7 @@ def split_dataset(data_dir: str | Path, out_dir: str | Path | None = None, clien
     summary = SplitSummary(
         out_dir=out_dir, source=data_dir.resolve(), seed=int(seed), alpha=float(alpha),
         clients=int(clients), test_fraction=float(test_fraction), stratum_names=stratum_names,
-        counts={name: _count_strata(cases, stratum_names) for name, cases in splits.items()})
+        counts={name: count_strata(cases, stratum_names) for name, cases in splits.items()})
     _write_split(dataset.root, dataset.info, splits, summary)
     return summary
 
@@ -237,7 +237,7 @@ def _check_out_dir(data_dir: Path, out_dir: Path, force: bool) -> None:
                          "replace it", path=out_dir, hint="pick another output directory")
 
 
-def _count_strata(cases: list[Case], stratum_names: tuple[str, ...]) -> dict[str, int]:
+def count_strata(cases: list[Case], stratum_names: tuple[str, ...]) -> dict[str, int]:
     counts = np.bincount([stratum(c) for c in cases], minlength=len(stratum_names))
     return {name: int(n) for name, n in zip(stratum_names, counts)}
 

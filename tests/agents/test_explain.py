@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from fedlite.agents.explain import (ExplainSettings, NoteTokenizer, explain_case, explain_image, explain_text,
                                     patch_baseline, stage_phrase)
 from fedlite.agents.explain_report import write_explanation
-from fedlite.agents.interpretability import consistency, sparsity
+from fedlite.agents.interpretability import consistency, sparsity, top_k_overlap
 from fedlite.agents.runtime import BundleRuntime
 from fedlite.cli import main
 from fedlite.data.manifest import read_dataset
@@ -181,6 +181,13 @@ def test_consistency_and_sparsity():
     assert consistency(noisy, k=5) < 0.9
     assert sparsity([np.array([1.0, 0.5, 0.001, 0.0]), np.array([0.0, 0.0, 0.0, 0.0])]) == 1.0
     assert sparsity([np.array([1.0, -0.9, 0.2])]) == 3.0
+
+
+def test_top_k_overlap_ranks_by_magnitude_whatever_the_sign():
+    ours = {"blast": 0.9, "fever": -0.8, "cough": 0.01, "rash": 0.0}
+    assert top_k_overlap(ours, {"blast": -0.5, "fever": 0.7, "cough": 0.0, "rash": 0.02}, k=2) == 1.0
+    assert top_k_overlap(ours, {"blast": 0.5, "rash": 0.9, "fever": 0.0, "cough": 0.0}, k=2) == 0.5
+    assert np.isnan(top_k_overlap({}, ours, k=2))
 
 
 def test_bad_settings_are_refused():
