@@ -113,10 +113,10 @@ def build_report(split: str | Path, out: str | Path, settings: ReportSettings = 
     shares = []
     for share in settings.shares:
         reduced = out / "data" / f"share-{share:g}"
-        if not ledger.finished(f"split {share:g}", {"of": file_digest(split / "split.json"), "share": share},
-                               reduced / "split.json"):
-            reduced_split(split, reduced, share, val_fraction, force=True)
-            ledger.mark(f"split {share:g}", {"of": file_digest(split / "split.json"), "share": share}, True)
+        config = {"of": file_digest(split / "split.json"), "share": share}
+        if not ledger.finished(f"split {share:g}", config, reduced / "split.json"):
+            with ledger.building(f"split {share:g}", config):
+                reduced_split(split, reduced, share, val_fraction, force=True)
         ckpt = federated(ctx, _run_name(f"{FEDERATED} {share:g}"), reduced)
         shares.append({"share": share, **headline(_federated_metrics(ckpt, evaluation, at_sites))})
     shares.append({"share": 1.0, **headline(models[FEDERATED])})
@@ -139,9 +139,10 @@ def build_report(split: str | Path, out: str | Path, settings: ReportSettings = 
                                       out / "explanations", progress) if bundle is not None else None)
     timings["explanations"] = time.perf_counter() - start
     timings["total"] = time.perf_counter() - started
+    timings["runs as built"] = ledger.build_seconds()  # reused runs count what they took when built
 
     report = {
-        "split": str(split.resolve()), "evaluated_on": "the sites' validation parts" if at_sites else "test/",
+        "split": str(split), "evaluated_on": "the sites' validation parts" if at_sites else "test/",
         "evaluation_cases": models[FEDERATED]["cases"], "stage_names": stage_names,
         "sites": {site: summary.size(site) for site in summary.sites},
         "settings": settings.to_dict(), "machine": machine_info(), "seconds": timings,

@@ -9,10 +9,13 @@ replaced unasked: its numbers would not mean the same thing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
+from typing import Iterator
 
 from fedlite.atomic import atomic_write_text, json_text
 from fedlite.checkpoint import read_checkpoint_meta
@@ -54,10 +57,23 @@ class Ledger:
         entry = self.entries.get(name, {})
         return entry.get("hash") == config_hash(config) and not entry.get("finished", False)
 
-    def mark(self, name: str, config: dict, finished: bool) -> None:
-        self.entries[name] = {"hash": config_hash(config), "finished": finished, "config": config}
+    def mark(self, name: str, config: dict, finished: bool, seconds: float | None = None) -> None:
+        self.entries[name] = {"hash": config_hash(config), "finished": finished, "config": config,
+                              "seconds": seconds}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json_text(self.entries, indent=2) + "\n")
+
+    @contextlib.contextmanager
+    def building(self, name: str, config: dict) -> Iterator[None]:
+        """Marks ``name`` started, then finished with the seconds it took, only if the block completes."""
+        self.mark(name, config, finished=False)
+        start = time.perf_counter()
+        yield
+        self.mark(name, config, finished=True, seconds=time.perf_counter() - start)
+
+    def build_seconds(self) -> float:
+        """What every finished artifact took to build, whichever invocation built it."""
+        return sum(e.get("seconds") or 0.0 for e in self.entries.values() if e.get("finished"))
 
 
 def check_stages(checkpoint: Path, stage_names: list[str], force: bool) -> None:

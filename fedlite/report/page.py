@@ -125,18 +125,20 @@ def _share_figure(shares: list[dict]) -> bytes:
 
 def report_blocks(report: dict) -> list[tuple]:
     """The report's content: ("h", text) | ("p", text) | ("table", header, rows) | ("figure", name, png)."""
-    m, stages = report["models"], report["stage_names"]
+    m, stages, st = report["models"], report["stage_names"], report["settings"]
     blocks: list[tuple] = [
         ("h", "fedlite report: the paper's comparisons on this split"),
         ("p", f"{report['evaluation_cases']} evaluation cases ({report['evaluated_on']}), "
-              f"{len(report['sites'])} sites; built in {report['seconds']['total'] / 60:.1f} min on "
-              f"{report['machine']['cpu']} ({report['machine']['logical_cores']} cores)."),
+              f"{len(report['sites'])} sites; this page took {report['seconds']['total'] / 60:.1f} min on "
+              f"{report['machine']['cpu']} ({report['machine']['logical_cores']} cores), its runs, exports and "
+              f"corrupted copies {report['seconds']['runs as built'] / 60:.1f} min when they were built."),
         ("h2", "What holds here"),
         *[("p", line) for line in ordering_sentences(report)],
         ("h2", "Models"),
-        ("p", "Late fusion averages the image-only and text-only models' probabilities; 'no fusion layer' feeds "
-              "both embeddings straight into the heads. The pooled runs train on the sites' training parts, the "
-              "cases federated training sees."),
+        ("p", f"Each model as it stands after its last epoch or round: the pooled runs train {st['epochs']} epochs "
+              f"on the sites' training parts (the cases federated training sees), Fed-MMX federated {st['rounds']} "
+              f"rounds of one local epoch at each site. Late fusion averages the image-only and text-only models' "
+              f"probabilities; 'no fusion layer' feeds both embeddings straight into the heads."),
         ("table", ["model", "accuracy", "AUC", "stage macro-F1", *[f"F1 {s}" for s in stages]],
          [[name, _pct(v["accuracy"]), _num(v["auc"]), _num(v["stage_macro_f1"]),
            *[_num(f) for f in v["stage_per_class_f1"]]] for name, v in m.items()]),
@@ -166,7 +168,10 @@ def report_blocks(report: dict) -> list[tuple]:
         ("figure", "training-share.png", _share_figure(report["training_share"])),
     ]
     e = report["explanations"]
-    if e:
+    if not e:
+        blocks += [("h2", "Explanations (SHAP, image patches and note tokens)"),
+                   ("p", "Not measured: there is no bundle to explain (see the export gate above).")]
+    else:
         rows = []
         for who in ("bundle", "teacher"):
             for output in ("leukemia", "stage"):

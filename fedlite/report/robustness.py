@@ -39,8 +39,8 @@ def corrupted_evaluation(ctx: RunContext, evaluation: Path, kind: str, strength:
     config = {"kind": kind, "strength": strength, "seed": ctx.settings.seed,
               "of": file_digest(evaluation / "manifest.jsonl")}
     if not ctx.ledger.finished(f"corrupted/{name}", config, out / "manifest.jsonl"):
-        corrupted_copy(evaluation, out, kind, strength, seed=ctx.settings.seed, force=True, progress=ctx.progress)
-        ctx.ledger.mark(f"corrupted/{name}", config, finished=True)
+        with ctx.ledger.building(f"corrupted/{name}", config):
+            corrupted_copy(evaluation, out, kind, strength, seed=ctx.settings.seed, force=True, progress=ctx.progress)
     return out
 
 

@@ -19,7 +19,7 @@ from fedlite.export.prune import PruneConfig
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.simulation import run_federated_simulation
 from fedlite.quickstart import EXPORT_GATE, LR, OPTIMIZER
-from fedlite.report.ledger import Ledger, check_stages, file_digest
+from fedlite.report.ledger import Ledger, file_digest
 from fedlite.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,12 @@ def centralized(ctx: RunContext, name: str, train: Path, evaluation: Path, modal
     config = {"kind": "centralized", "modality": modality, "fusion": fusion, "preset": s.preset, "epochs": s.epochs,
               "lr": LR, "optimizer": OPTIMIZER, "seed": s.seed, "train": file_digest(train / "manifest.jsonl"),
               "eval": file_digest(evaluation / "manifest.jsonl")}
-    check_stages(out / "last", ctx.stage_names, ctx.ledger.force)
     if not ctx.ledger.finished(name, config, out / "last"):
-        ctx.ledger.mark(name, config, finished=False)
-        train_centralized(train, out, preset=s.preset, modality=modality, fusion=fusion, eval_data=evaluation,
-                          train_config=TrainConfig(epochs=s.epochs, lr=LR, optimizer=OPTIMIZER, warmup_fraction=0.05,
-                                                   clip_grad_norm=1.0), seed=s.seed, progress=ctx.progress, force=True)
-        ctx.ledger.mark(name, config, finished=True)
+        with ctx.ledger.building(name, config):
+            train_centralized(train, out, preset=s.preset, modality=modality, fusion=fusion, eval_data=evaluation,
+                              train_config=TrainConfig(epochs=s.epochs, lr=LR, optimizer=OPTIMIZER,
+                                                       warmup_fraction=0.05, clip_grad_norm=1.0),
+                              seed=s.seed, progress=ctx.progress, force=True)
     else:
         log.info("reusing %s (same configuration)", out)
     return out / "last"
@@ -85,14 +84,12 @@ def federated(ctx: RunContext, name: str, split: Path) -> Path:
                           freeze_rounds=min(1, s.rounds - 1), local_epochs=1, optimizer=OPTIMIZER, lr=LR, seed=s.seed)
     config = {"kind": "federated", "preset": s.preset, "rounds": s.rounds, "lr": LR, "optimizer": OPTIMIZER,
               "seed": s.seed, "split": file_digest(split / SPLIT_FILE)}
-    check_stages(out / "last", ctx.stage_names, ctx.ledger.force)
     if ctx.ledger.finished(name, config, out / "summary.json"):
         log.info("reusing %s (same configuration)", out)
         return out / "last"
     resume = ctx.ledger.started(name, config) and (out / "last").is_dir()  # a round finished: continue
-    ctx.ledger.mark(name, config, finished=False)
-    run_federated_simulation(cfg, resume=resume, progress=ctx.progress, force=not resume)
-    ctx.ledger.mark(name, config, finished=True)
+    with ctx.ledger.building(name, config):
+        run_federated_simulation(cfg, resume=resume, progress=ctx.progress, force=not resume)
     return out / "last"
 
 
@@ -113,7 +110,6 @@ def exported(ctx: RunContext, name: str, checkpoint: Path, int8: bool) -> Path:
     else:
         options = ExportOptions(distill=False, prune=PruneConfig(fraction=0.0), recovery_epochs=0, gate=NO_GATE,
                                 seed=s.seed, progress=ctx.progress)
-    ctx.ledger.mark(name, config, finished=False)
-    export_simulated(checkpoint, out, options, ctx.split, dataclasses.replace(EXPORT_RUN, seed=s.seed), force=True)
-    ctx.ledger.mark(name, config, finished=True)
+    with ctx.ledger.building(name, config):
+        export_simulated(checkpoint, out, options, ctx.split, dataclasses.replace(EXPORT_RUN, seed=s.seed), force=True)
     return out

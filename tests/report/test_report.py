@@ -43,6 +43,12 @@ def test_the_ledger_reuses_only_a_finished_run_of_the_same_config(tmp_path):
     assert reread.finished("run", config, where)
     assert not reread.finished("run", {**config, "rounds": 9}, where)  # a changed setting redoes the run
     assert not Ledger(tmp_path, force=True).finished("run", config, where)
+    with pytest.raises(RuntimeError), ledger.building("export", config):  # a build that fails stays unfinished
+        raise RuntimeError("killed")
+    assert not Ledger(tmp_path).finished("export", config, where)
+    with ledger.building("split", config):
+        pass
+    assert Ledger(tmp_path).entries["split"]["seconds"] >= 0 and Ledger(tmp_path).finished("split", config, where)
     (tmp_path / "runs.json").write_text("{torn")
     with pytest.raises(InputError, match="corrupt report ledger"):
         Ledger(tmp_path)
@@ -60,7 +66,7 @@ def _report(models):
         "sites": {"site-01": 10, "site-02": 12}, "settings": ReportSettings().to_dict(),
         "machine": {"cpu": "test CPU", "logical_cores": 2, "physical_cores": 1, "memory_gb": 8.0,
                     "int8_instruction_sets": ["AVX2"], "python": "3.11", "versions": {"onnxruntime": "1"}},
-        "seconds": {"federated": 60.0, "total": 120.0}, "models": models, "ordering": paper_ordering(models),
+        "seconds": {"federated": 60.0, "total": 120.0, "runs as built": 600.0}, "models": models, "ordering": paper_ordering(models),
         "training_share": [{"share": 0.5, **row}, {"share": 1.0, **row}],
         "robustness": {kind: [{"strength": s, "model": row, "bundle": row} for s in (0.0, 2.0)]
                        for kind in ("blur", "noise")},
@@ -103,3 +109,17 @@ def test_the_page_inlines_its_figures_and_says_what_the_markdown_says(tmp_path):
         assert sentence in markdown and sentence.replace(">", "&gt;") in page
     assert "Top-10 overlap, bundle against teacher" in markdown
     assert json.loads(paths["json"].read_text())["models"][FEDERATED]["auc"] == 0.9
+
+
+def test_the_command_refuses_bad_sizes_before_reading_anything(tmp_path):
+    from click.testing import CliRunner
+
+    from fedlite.cli import main
+
+    for option, value, message in (("--shares", "0.5,1.5", "between 0 and 1"), ("--blur", "1,x", "comma-separated")):
+        result = CliRunner().invoke(main, ["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+                                           option, value])
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "split.json" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
