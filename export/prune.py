@@ -56,7 +56,7 @@ def _bert_layers(encoder: nn.Module) -> list[LayerView]:
 
 def encoder_layers(model: FedMMX) -> dict[str, list[LayerView]]:
     out = {}
-    if model.image_encoder is not None:
+    if model.image_encoder is not None and model.config.image.is_vit:  # a MobileNetV2 has no heads to cut
         out["image"] = _vit_layers(model.image_encoder)
     if model.text_encoder is not None:
         out["text"] = _bert_layers(model.text_encoder)

@@ -25,7 +25,8 @@ HALF = "half"
 def default_student(teacher: ModelConfig) -> str:
     """``small`` for teachers wider than it (the paper's ViT-B + BERT-base), else ``half``."""
     small = PRESETS["small"]
-    wider = teacher.image.embed_dim > small.image.embed_dim or teacher.text.hidden_size > small.text.hidden_size
+    wider = ((teacher.image.is_vit and teacher.image.embed_dim > small.image.embed_dim)
+             or teacher.text.hidden_size > small.text.hidden_size)
     return "small" if wider else HALF
 
 
@@ -39,8 +40,9 @@ def kept_layers(depth: int, keep: int) -> list[int]:
 
 
 def student_config(teacher: ModelConfig, student: str) -> ModelConfig:
-    if student == HALF:
-        image = replace(teacher.image, depth=max(1, (teacher.image.depth + 1) // 2))
+    if student == HALF:  # a MobileNetV2 image encoder is kept whole: it has no layer stack to halve
+        image = replace(teacher.image, depth=max(1, (teacher.image.depth + 1) // 2)) if teacher.image.is_vit \
+            else teacher.image
         text = replace(teacher.text, num_layers=max(1, (teacher.text.num_layers + 1) // 2))
         return replace(teacher, preset=f"{teacher.preset}-half", image=image, text=text, init={})
     if student not in PRESETS:

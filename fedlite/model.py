@@ -1,7 +1,7 @@
-"""Fed-MMX: a ViT image encoder and a BERT note encoder, a fusion layer, and two heads.
+"""Fed-MMX: a ViT (or MobileNetV2) image encoder and a BERT note encoder, a fusion layer, two heads.
 
-The image [CLS] embedding z and the note [CLS] embedding h are fused into r; r feeds a leukemia
-head (2-way) and a stage head (K-way). The encoders, ``fuse`` and ``classify`` are separate methods
+The image embedding z ([CLS], or MobileNetV2's pooled features) and the note [CLS] embedding h are
+fused into r; r feeds a leukemia head (2-way) and a stage head (K-way). The encoders, ``fuse`` and ``classify`` are separate methods
 because export ships them as separate graphs and the hospital agent fine-tunes only the head.
 """
 
@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def build_image_encoder(cfg: ImageEncoderConfig) -> nn.Module:
+    if cfg.architecture == "mobilenet_v2":
+        from torchvision.models import mobilenet_v2
+
+        encoder = mobilenet_v2(weights=None)
+        encoder.classifier = nn.Identity()  # forward: features, global average pool, flatten -> (B, 1280)
+        return encoder
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(
@@ -115,6 +121,17 @@ class FedMMX(nn.Module):
         self.leukemia_head = nn.Linear(fused_dim, 2)
         self.stage_head = nn.Linear(fused_dim, config.num_stages)
 
+    def train(self, mode: bool = True) -> "FedMMX":
+        """A MobileNetV2's batch norms keep their statistics (ImageNet's, when pretrained): only
+        parameters travel in a federated round, so statistics a site updated would leave its copy
+        different from everyone else's, and a site's small batches would make poor estimates."""
+        super().train(mode)
+        if self.image_encoder is not None and not self.config.image.is_vit:
+            for module in self.image_encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(pixels)
 
@@ -196,8 +213,9 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_image_weights(encoder: nn.Module, path: Path) -> None:
-    """Load a timm ViT checkpoint (the classifier head is dropped; everything else must match)."""
-    state = {k: v for k, v in _load_state_file(path).items() if not k.startswith("head.")}
+    """Load a timm ViT or torchvision MobileNetV2 checkpoint (the classifier is dropped; everything
+    else must match)."""
+    state = {k: v for k, v in _load_state_file(path).items() if not k.startswith(("head.", "classifier."))}
     own = encoder.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and own[k].shape != v.shape]

@@ -12,11 +12,15 @@ from fedlite.errors import InputError
 
 FUSIONS = ("concat", "gated", "none")  # none: [z ‖ h] straight into the heads (the paper's ablation)
 MODALITIES = ("both", "image", "text")
+IMAGE_ARCHITECTURES = ("vit", "mobilenet_v2")
 
 
 @dataclass(frozen=True)
 class ImageEncoderConfig:
-    """A timm VisionTransformer; ``timm_name`` says which published architecture it matches."""
+    """A timm VisionTransformer (``timm_name`` says which published one it matches), or
+    torchvision's MobileNetV2, whose pooled 1280 features are z: the CPU model of the seed
+    literature, with ImageNet weights that install offline. For MobileNetV2 ``patch_size`` is the
+    explanation grid's cell, the 32-pixel stride of its last feature map."""
 
     embed_dim: int
     depth: int
@@ -25,6 +29,16 @@ class ImageEncoderConfig:
     patch_size: int = 16
     img_size: int = 224
     timm_name: str | None = None
+    architecture: str = "vit"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in IMAGE_ARCHITECTURES:
+            raise InputError(f"unknown image architecture {self.architecture!r}",
+                             hint=f"choose one of {', '.join(IMAGE_ARCHITECTURES)}")
+
+    @property
+    def is_vit(self) -> bool:
+        return self.architecture == "vit"
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,13 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(
         preset="small",
         image=ImageEncoderConfig(384, 12, 6, timm_name="vit_small_patch16_224"),
+        text=TextEncoderConfig(28996, 384, 4, 6, 1536, max_length=512),
+        fusion_dim=384,
+    ),
+    # MobileNetV2 (ImageNet weights: --image-weights, see README) + the small note encoder: a CPU model.
+    "mobile": ModelConfig(
+        preset="mobile",
+        image=ImageEncoderConfig(1280, 0, 0, patch_size=32, architecture="mobilenet_v2"),
         text=TextEncoderConfig(28996, 384, 4, 6, 1536, max_length=512),
         fusion_dim=384,
     ),

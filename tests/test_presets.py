@@ -29,7 +29,7 @@ def test_overrides_replace_top_level_fields_and_leave_the_preset_alone():
 
 
 def test_an_unknown_preset_is_refused_with_the_choices():
-    with pytest.raises(InputError, match="unknown preset 'large'.*paper, small, tiny"):
+    with pytest.raises(InputError, match="unknown preset 'large'.*paper, small, mobile, tiny"):
         get_preset("large")
 
 
