@@ -1,8 +1,9 @@
 """Fed-MMX: a ViT (or MobileNetV2) image encoder and a BERT note encoder, a fusion layer, two heads.
 
 The image embedding z ([CLS], or MobileNetV2's pooled features) and the note [CLS] embedding h are
-fused into r; r feeds a leukemia head (2-way) and a stage head (K-way). The encoders, ``fuse`` and ``classify`` are separate methods
-because export ships them as separate graphs and the hospital agent fine-tunes only the head.
+fused into r; r feeds a leukemia head (2-way) and a stage head (K-way). The encoders, ``fuse`` and
+``classify`` are separate methods because export ships them as separate graphs and the hospital
+agent fine-tunes only the head.
 """
 
 from __future__ import annotations
