@@ -43,12 +43,15 @@ def _check_names(names) -> None:
 
 def _verified(directory: Path, digest: str) -> bool:
     hashes = {}
-    for path in directory.iterdir():
-        sha = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                sha.update(chunk)
-        hashes[path.name] = sha.hexdigest()
+    try:
+        for path in directory.iterdir():
+            sha = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    sha.update(chunk)
+            hashes[path.name] = sha.hexdigest()
+    except FileNotFoundError:  # another site is replacing a damaged copy right now
+        return False
     return _digest(hashes) == digest
 
 
@@ -59,7 +62,8 @@ def cached_shipment(cache_dir: str | Path, kind: str, digest: str,
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise InputError(f"not a SHA-256 digest: {digest[:80]!r}")
     target = Path(cache_dir) / f"{kind}-{digest[:32]}"
-    if target.is_dir() and _verified(target, digest):
+    found = target.is_dir()
+    if found and _verified(target, digest):
         return target
     if arrays is None:
         raise InputError(f"this site holds no {kind} {digest[:12]}", path=target,
@@ -72,8 +76,9 @@ def cached_shipment(cache_dir: str | Path, kind: str, digest: str,
         raise InputError(f"the shipped {kind} does not match its digest {digest[:12]}",
                          hint="it was changed in transit; the coordinator must send it again")
     owner_only_dir(cache_dir)
-    # a damaged copy is replaced; otherwise the first of several sites writing it at once wins
-    writing = staged_dir(target, force=True, what=kind) if target.exists() else published_once(target)
+    # a damaged copy found above is replaced; otherwise the first of several sites writing it at
+    # once wins (deciding on a fresh look would replace a copy another site just published)
+    writing = staged_dir(target, force=True, what=kind) if found else published_once(target)
     with writing as staged:
         for name, value in arrays.items():
             (staged / name).write_bytes(value.tobytes())

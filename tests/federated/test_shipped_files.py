@@ -61,11 +61,13 @@ def test_sites_sharing_a_cache_can_write_one_shipment_at_once(shipment, tmp_path
 
     barrier = threading.Barrier(8)
 
-    def write(_):
+    def write(cache_dir):
         barrier.wait()
-        return cached_shipment(tmp_path / "shared", "teacher", digest, arrays)
+        return cached_shipment(cache_dir, "teacher", digest, arrays)
 
-    with ThreadPoolExecutor(8) as pool:
-        paths = set(pool.map(write, range(8)))
-    assert len(paths) == 1 and (paths.pop() / "config.json").read_text() == '{"format": "x"}'
-    assert [p.name for p in (tmp_path / "shared").iterdir()] == [target.name]
+    for attempt in range(20):  # a race: a single attempt showed it a third of the time before the fix
+        shared = tmp_path / f"shared-{attempt}"
+        with ThreadPoolExecutor(8) as pool:
+            paths = set(pool.map(write, [shared] * 8))
+        assert len(paths) == 1 and (paths.pop() / "config.json").read_text() == '{"format": "x"}'
+        assert [p.name for p in shared.iterdir()] == [target.name]
