@@ -139,3 +139,20 @@ def test_a_late_update_of_fewer_tensors_counts_as_no_change_of_the_others():
         delta = aggregate(updates, staleness_decay=0.0)
         assert delta["head"] == pytest.approx([2.0, 2.0]) and delta["encoder"] == pytest.approx([0.5] * 3)
         assert aggregate(updates, "median")["encoder"] == pytest.approx([1.0] * 3)
+
+
+def test_late_updates_are_screened_like_fresh_ones():
+    from fedlite.federated.aggregate import SiteUpdate
+    from fedlite.federated.rounds import RoundReplies, accept_updates
+
+    shapes = {"head": (2,), "encoder": (3,)}
+    honest = SiteUpdate("fresh", {"head": np.ones(2, np.float32), "encoder": np.ones(3, np.float32)}, 10)
+    late = [SiteUpdate("late-nan", {"head": np.array([np.nan, 0], np.float32)}, 10, staleness=1),
+            SiteUpdate("late-long", {"head": np.full(2, 1e6, np.float32)}, 10, staleness=2),
+            SiteUpdate("late-overflow", {"head": np.full(2, 1e300)}, 10, staleness=1),
+            SiteUpdate("late-unknown", {"bias": np.ones(2, np.float32)}, 10, staleness=1),
+            SiteUpdate("late-ok", {"head": np.ones(2, np.float32)}, 10, staleness=1)]
+    accepted, rejected = accept_updates(RoundReplies(updates=[honest, *late]), shapes, 3, max_norm=100.0)
+    assert [u.site for u in accepted] == ["fresh", "late-ok"]
+    assert sorted(r.site for r in rejected) == ["late-long", "late-nan", "late-overflow", "late-unknown"]
+    assert all(v.dtype == np.float32 for u in accepted for v in u.delta.values())
