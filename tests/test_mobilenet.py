@@ -47,3 +47,44 @@ def test_export_keeps_a_mobilenet_whole_and_distills_into_half_of_its_note_encod
     assert student.config.text.num_layers == 2
     own = student.image_encoder.state_dict()
     assert all(torch.equal(own[k], v) for k, v in teacher.image_encoder.state_dict().items())
+
+
+def test_a_mobilenet_trains_under_dp_with_its_batch_norms_fixed(tmp_path):
+    from fedlite.data.loader import CaseDataset, make_loader
+    from fedlite.data.synth import synthesize
+    from fedlite.federated.privacy import PrivacyConfig, dp_train_local, epsilon
+    from fedlite.training import TrainConfig
+
+    data = synthesize(tmp_path / "d", n_cases=16, workers=1, progress=False)
+    model = _mobile(modality="image")
+    loader = make_loader(CaseDataset(data, None, 16, use_image=True, train=True), 8, shuffle=True, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    _, state = dp_train_local(model, loader, TrainConfig(epochs=1, batch_size=8, lr=1e-2), torch.device("cpu"),
+                              1e-2, 1e-2, PrivacyConfig())
+    after = model.state_dict()
+    in_norms = [k for k in after if k.rsplit(".", 1)[0] in norms]
+    assert in_norms and all(torch.equal(after[k], before[k]) for k in in_norms)  # scales, shifts, statistics
+    assert not torch.equal(after["image_encoder.features.0.0.weight"], before["image_encoder.features.0.0.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # released for the next, non-DP, use
+    assert 0 < epsilon(state, 1e-5) < float("inf")
+
+
+def test_a_vit_teacher_distills_into_a_mobile_student_that_starts_from_its_own_weights(tmp_path):
+    import pytest
+    from torchvision.models import mobilenet_v2
+
+    from fedlite.errors import InputError
+
+    torch.manual_seed(2)
+    published = mobilenet_v2(weights=None)
+    torch.save(published.state_dict(), tmp_path / "mobilenet_v2.pth")
+    teacher = build_model(get_preset("tiny"))
+    student, init = make_student(teacher, "mobile", tmp_path / "mobilenet_v2.pth")
+    assert not student.config.image.is_vit and student.config.text.vocab_size == teacher.config.text.vocab_size
+    own = student.image_encoder.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in published.state_dict().items() if not k.startswith("classifier."))
+    assert init.to_dict()["image_weights"] == "pretrained:mobilenet_v2.pth"
+    assert init.copied + init.random + len(own) == len(student.state_dict())
+    with pytest.raises(InputError, match="differs from the teacher"):
+        make_student(teacher, "half", tmp_path / "mobilenet_v2.pth")

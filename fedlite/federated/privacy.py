@@ -192,8 +192,10 @@ def dp_train_local(model: FedMMX, loader: DataLoader, train_config: TrainConfig,
                          hint="set proximal_mu to 0 (use FedAvg) or train without DP")
     epochs = train_config.epochs if epochs is None else epochs
     model.to(device).train()
+    fixed = _fix_batch_norm(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
+        _release(fixed)
         raise InputError("the model has no trainable parameters to train under DP")
     private = make_private(model, make_optimizer(params, train_config, lr_start), loader, privacy,
                            accountant_state)
@@ -214,4 +216,23 @@ def dp_train_local(model: FedMMX, loader: DataLoader, train_config: TrainConfig,
             stats = tally.close()
             optimizer.zero_grad(set_to_none=True)
             private.unwrap()
+            _release(fixed)
     return stats, private.accountant_state()
+
+
+def _fix_batch_norm(model: FedMMX) -> list[torch.nn.Parameter]:
+    """Freeze the scales and shifts of batch norms (MobileNetV2's) for a DP-SGD run; returns them.
+
+    A batch norm mixes the cases of a batch, so Opacus computes no per-case gradient for it. fedlite
+    keeps batch-norm statistics fixed anyway (only parameters travel), which makes each one a fixed
+    per-channel affine map: frozen as well, it is exact under DP and the rest of the network trains."""
+    frozen = [p for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+              for p in m.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _release(frozen: list[torch.nn.Parameter]) -> None:
+    for p in frozen:
+        p.requires_grad_(True)
