@@ -47,6 +47,7 @@ FUSION_MODEL_TYPES = {"image_encoder": "vit", "text_encoder": "bert"}
 @dataclass(frozen=True)
 class ExportOptions:
     student: str | None = None  # None: default_student(teacher)
+    student_image_weights: Path | None = None  # a checkpoint for a student image encoder unlike the teacher's
     distill: bool = True
     distill_config: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -178,7 +179,7 @@ def initial_student(teacher: FedMMX, options: ExportOptions) -> tuple[FedMMX, di
     if not options.distill:
         return copy.deepcopy(teacher), {"name": "teacher"}
     name = options.student or default_student(teacher.config)
-    student, init = make_student(teacher, name)
+    student, init = make_student(teacher, name, options.student_image_weights)
     return student, {"name": name, **init.to_dict()}
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedlite.errors import InputError
-from fedlite.model import FedMMX
+from fedlite.model import FedMMX, load_image_weights
 from fedlite.presets import PRESETS, ModelConfig, get_preset
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,13 @@ class StudentInit:
     random: int
     image_layers: list[int]
     text_layers: list[int]
+    image_weights: str | None = None  # the student's own image-encoder checkpoint, when it has one
 
     def to_dict(self) -> dict:
+        own = {"image_weights": self.image_weights} if self.image_weights else {}
         return {"copied_tensors": self.copied, "random_tensors": self.random,
-                "image_layers_from_teacher": self.image_layers, "text_layers_from_teacher": self.text_layers}
+                "image_layers_from_teacher": self.image_layers, "text_layers_from_teacher": self.text_layers,
+                **own}
 
 
 def _teacher_key(key: str, image_map: dict[int, int], text_map: dict[int, int]) -> str:
@@ -77,9 +81,18 @@ def _teacher_key(key: str, image_map: dict[int, int], text_map: dict[int, int]) 
     return ".".join(parts)
 
 
-def make_student(teacher: FedMMX, student: str) -> tuple[FedMMX, StudentInit]:
+def make_student(teacher: FedMMX, student: str,
+                 image_weights: str | Path | None = None) -> tuple[FedMMX, StudentInit]:
+    """The student, its tensors copied from the teacher where the shapes match; an image encoder
+    unlike the teacher's (a MobileNetV2 student of a ViT teacher, a ViT-S of a ViT-B) starts from
+    ``image_weights``."""
     config = student_config(teacher.config, student)
     model = FedMMX(config)
+    if image_weights is not None:
+        if student == HALF:
+            raise InputError("--student-image-weights is for a student whose image encoder differs from the "
+                             "teacher's", hint=f"a {HALF} student copies the teacher's image layers; drop it")
+        load_image_weights(model.image_encoder, Path(image_weights))
     image_layers = kept_layers(teacher.config.image.depth, config.image.depth)
     text_layers = kept_layers(teacher.config.text.num_layers, config.text.num_layers)
     image_map = dict(enumerate(image_layers))
@@ -89,11 +102,15 @@ def make_student(teacher: FedMMX, student: str) -> tuple[FedMMX, StudentInit]:
     copied = 0
     with torch.no_grad():  # state_dict() tensors share the model's storage: copying into them loads them
         for key, tensor in state.items():
+            if image_weights is not None and key.startswith("image_encoder."):
+                continue  # the student's own pretrained image encoder
             origin = source.get(_teacher_key(key, image_map, text_map))
             if origin is not None and origin.shape == tensor.shape:
                 tensor.copy_(origin)
                 copied += 1
-    init = StudentInit(copied, len(state) - copied, image_layers, text_layers)
+    pretrained = sum(k.startswith("image_encoder.") for k in state) if image_weights is not None else 0
+    init = StudentInit(copied, len(state) - copied - pretrained, image_layers, text_layers,
+                       f"pretrained:{Path(image_weights).name}" if image_weights is not None else None)
     model.config = replace(config, init={"student_of": teacher.config.preset, **init.to_dict()})
     if init.random:
         log.info("student %s: %d tensors copied from the teacher, %d random (shapes differ)",
