@@ -4,7 +4,9 @@ side by side in one run (each configuration in its own fresh process), accuracy 
 Baselines built from the teacher checkpoint: the FP32 torch teacher, the teacher exported to ONNX
 FP32, and the teacher in ONNX INT8 with ONNX Runtime's fusions and avx512_vnni dynamic quantization
 (what optimum's export + ORTOptimizer + ORTQuantizer path gives). The student appears in FP32 (the
-bundle's ``-fp32`` sibling from ``fedlite export --keep-fp32``) and INT8 (the bundle).
+bundle's ``-fp32`` sibling from ``fedlite export --keep-fp32``) and INT8 (the bundle). Other bundles
+(``--beside``: students of another architecture, e.g. a MobileNetV2 beside ViT students) are timed in
+the same run on the same cases, so their ratios are measured side by side.
 """
 
 from __future__ import annotations
@@ -72,6 +74,22 @@ def bundle_variants(bundle: Path, meta: dict, student_fp32: Path | None) -> list
         variants.append(Variant("student-onnx-fp32", "bundle", student_fp32, "the same student, FP32 ONNX",
                                 _bundle_bytes(verify_bundle(student_fp32)),
                                 _quality(parity, "student-onnx-fp32") or _quality(parity, "student")))
+    return variants
+
+
+def beside_variants(bundles: list[Path], taken: set[str]) -> list[Variant]:
+    """Other bundles timed in the same run; their quality is their own verification's."""
+    variants = []
+    for path in bundles:
+        meta = verify_bundle(path)
+        label = "INT8" if meta.get("quantization") else "FP32"
+        name = f"beside-{path.name}"
+        if name in taken:
+            raise InputError(f"two bundles would both be reported as {name}", path=path,
+                             hint="give the bundles --beside names distinct from each other and from BUNDLE")
+        taken.add(name)
+        variants.append(Variant(name, "bundle", path, f"another bundle ({meta['preset']}, {label})",
+                                _bundle_bytes(meta), _quality(meta.get("parity", {}), "bundle")))
     return variants
 
 
@@ -154,12 +172,14 @@ def edge_site(data: Path | None, timing_data: Path) -> Path:
 def run_bench(bundle: str | Path, teacher: str | Path | None = None, student_fp32: str | Path | None = None,
               data: str | Path | None = None, settings: BenchSettings = BenchSettings(),
               work: str | Path = "bench-work", progress: bool = True,
-              agent: AgentBenchSettings | None = AgentBenchSettings(), site: str | Path | None = None) -> dict:
+              agent: AgentBenchSettings | None = AgentBenchSettings(), site: str | Path | None = None,
+              beside: tuple[str | Path, ...] = ()) -> dict:
     bundle = Path(bundle)
     meta = verify_bundle(bundle)
     if student_fp32 is None and bundle.with_name(bundle.name + "-fp32").is_dir():
         student_fp32 = bundle.with_name(bundle.name + "-fp32")
     variants = bundle_variants(bundle, meta, Path(student_fp32) if student_fp32 else None)
+    variants += beside_variants([Path(b) for b in beside], {v.name for v in variants})
     timing_data = Path(data) if data else _default_data(meta)
     if timing_data is not None and is_split(timing_data):
         timing_data = pooled_parts(timing_data)[1]

@@ -367,6 +367,9 @@ def bench() -> None:
               help="Teacher checkpoint: adds torch FP32, ONNX FP32 and ONNX INT8 teacher baselines.")
 @click.option("--student-fp32", type=click.Path(path_type=Path), default=None,
               help="FP32 bundle of the same student (default: BUNDLE-fp32 if present).")
+@click.option("--beside", multiple=True, type=click.Path(path_type=Path),
+              help="Another bundle timed in the same run on the same cases (repeatable), e.g. a MobileNetV2 "
+                   "student beside ViT ones.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Cases to time (dataset or split dir); default: the bundle's verification data.")
 @click.option("--threads", default="1,2", show_default=True, help="Intra-op thread counts.")
@@ -381,7 +384,8 @@ def bench() -> None:
 @click.option("--no-agent", is_flag=True, help="Skip explanations, the edge round and the memory budget.")
 @click.option("--ram-budget", default=None, help="Server memory to check the agent's heavy path against, e.g. 8G.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-report"), show_default=True)
-def bench_bundle(bundle: Path, teacher: Path | None, student_fp32: Path | None, data_dir: Path | None, threads: str,
+def bench_bundle(bundle: Path, teacher: Path | None, student_fp32: Path | None, beside: tuple[Path, ...],
+                 data_dir: Path | None, threads: str,
                  batches: str, runs: int, repeats: int, explain_cases: int, max_evals: int, edge_site: Path | None,
                  no_agent: bool, ram_budget: str | None, out: Path) -> None:
     """CPU latency, throughput and memory of BUNDLE beside the teacher baselines, accuracy beside speed;
@@ -400,7 +404,7 @@ def bench_bundle(bundle: Path, teacher: Path | None, student_fp32: Path | None, 
     agent = None if no_agent else AgentBenchSettings(explain_cases=explain_cases, max_evals=max_evals,
                                                      ram_budget_bytes=budget)
     report = run_bench(bundle, teacher=teacher, student_fp32=student_fp32, data=data_dir, settings=settings,
-                       work=out / "work", agent=agent, site=edge_site)
+                       work=out / "work", agent=agent, site=edge_site, beside=beside)
     paths = write_report(report, out)
     click.echo(paths["markdown"].read_text(encoding="utf-8"))
     click.echo(f"report: {paths['json']}, {paths['markdown']}, {paths['plot']}")

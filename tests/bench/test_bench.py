@@ -127,3 +127,20 @@ def test_a_bundle_is_measured_whatever_its_name_and_the_side_benchmarks_are_subc
     (tmp_path / "poisoning").symlink_to(teacher_bundle)
     clash = CliRunner().invoke(main, ["bench", "poisoning", "--threads", "two"])
     assert clash.exit_code == 2 and "--threads" in clash.output
+
+
+def test_other_bundles_are_timed_beside_the_bundle_in_the_same_run(teacher_bundle, teacher_run, tmp_path):
+    import shutil
+
+    from fedlite.errors import InputError
+
+    other = tmp_path / "mobile-int8"
+    shutil.copytree(teacher_bundle, other)
+    report = run_bench(teacher_bundle, data=teacher_run[1], settings=TINY, work=tmp_path / "work", progress=False,
+                       agent=None, beside=(other,))
+    assert list(report["variants"]) == ["student-onnx-int8", "beside-mobile-int8"]
+    beside = report["variants"]["beside-mobile-int8"]
+    assert beside["1"]["latency_ms"]["n"] == TINY.runs * TINY.repeats and beside["quality"]["accuracy"] is not None
+    assert "| beside-mobile-int8 |" in markdown(report)
+    with pytest.raises(InputError, match="both be reported"):
+        run_bench(teacher_bundle, data=teacher_run[1], settings=TINY, agent=None, beside=(other, other))
