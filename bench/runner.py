@@ -88,8 +88,11 @@ def beside_variants(bundles: list[Path], taken: set[str]) -> list[Variant]:
             raise InputError(f"two bundles would both be reported as {name}", path=path,
                              hint="give the bundles --beside names distinct from each other and from BUNDLE")
         taken.add(name)
+        parity = meta.get("parity", {})
+        # an export's FP32 copy carries the INT8 bundle's report, in which it is the student-onnx-fp32 row
+        row = "student-onnx-fp32" if label == "FP32" and "student-onnx-fp32" in parity.get("models", {}) else "bundle"
         variants.append(Variant(name, "bundle", path, f"another bundle ({meta['preset']}, {label})",
-                                _bundle_bytes(meta), _quality(meta.get("parity", {}), "bundle")))
+                                _bundle_bytes(meta), _quality(parity, row)))
     return variants
 
 

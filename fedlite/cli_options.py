@@ -176,8 +176,8 @@ export_options = option_sections(
         opt("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per channel."),
         opt("--quantize-embeddings", is_flag=True, help="Also store the word-embedding table in INT8 "
             "(worth it with large vocabularies; fedlite's built-in one is trimmed to 1490 rows anyway)."),
-        opt("--quantize-depthwise", is_flag=True, help="With --quantize static, also the depthwise convolutions "
-            "of a MobileNetV2 (kept in float by default: most of its INT8 error, little of its compute)."),
+        opt("--quantize-all-convs", is_flag=True, help="With --quantize static, also a MobileNetV2's depthwise "
+            "convolutions and stem (kept in float by default: most of its INT8 error, little of its compute)."),
         opt("--calibration-cases", default=64, show_default=True),
         opt("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions.")),
     option_section(
@@ -247,7 +247,7 @@ def export_pipeline_options(o: dict, out: Path):
         prune=PruneConfig(fraction=o["prune_fraction"], layers=o["prune_layers"]),
         recovery_epochs=o["recovery_epochs"], int8=o["int8"],
         quant=QuantSettings(mode=o["quant_mode"], isa=o["isa"], per_channel=not o["per_tensor"],
-                            embeddings=o["quantize_embeddings"], depthwise=o["quantize_depthwise"]),
+                            embeddings=o["quantize_embeddings"], all_convs=o["quantize_all_convs"]),
         calibration_cases=o["calibration_cases"], fuse=not o["no_fuse"],
         gate=Gate(max_accuracy_drop=o["max_accuracy_drop"], max_auc_drop=o["max_auc_drop"],
                   max_stage_f1_drop=o["max_stage_f1_drop"], min_case_agreement=o["min_agreement"],

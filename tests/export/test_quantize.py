@@ -192,13 +192,16 @@ def test_statistics_that_cannot_be_merged_or_quantized_are_refused(graph, prepar
 
 
 def _conv_stack(path: Path) -> Path:
-    """A pointwise-style Conv then a depthwise one (group = channels), as in a MobileNetV2 block."""
+    """A stem reading the pixels, a depthwise Conv (group = channels) and a pointwise one, as in a
+    MobileNetV2."""
     rng = np.random.default_rng(0)
     init = [onnx.numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "full_w"),
-            onnx.numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "depthwise_w")]
-    nodes = [helper.make_node("Conv", ["pixels", "full_w"], ["full"], name="full", pads=[1] * 4),
+            onnx.numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "depthwise_w"),
+            onnx.numpy_helper.from_array(rng.normal(size=(4, 4, 1, 1)).astype(np.float32), "pointwise_w")]
+    nodes = [helper.make_node("Conv", ["pixels", "full_w"], ["full"], name="stem", pads=[1] * 4),
              helper.make_node("Relu", ["full"], ["relu"], name="relu"),
-             helper.make_node("Conv", ["relu", "depthwise_w"], ["out"], name="depthwise", group=4, pads=[1] * 4)]
+             helper.make_node("Conv", ["relu", "depthwise_w"], ["dw"], name="depthwise", group=4, pads=[1] * 4),
+             helper.make_node("Conv", ["dw", "pointwise_w"], ["out"], name="pointwise")]
     graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("pixels", onnx.TensorProto.FLOAT,
                                                                              [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], init)
@@ -206,15 +209,16 @@ def _conv_stack(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("depthwise", [False, True])
-def test_static_mode_keeps_depthwise_convolutions_in_float_unless_asked(tmp_path, depthwise):
+@pytest.mark.parametrize("all_convs", [False, True])
+def test_static_mode_keeps_a_conv_nets_depthwise_convolutions_and_stem_in_float_unless_asked(tmp_path, all_convs):
     graph = _conv_stack(tmp_path / "convs.onnx")
     feeds = [{"pixels": np.random.default_rng(i).normal(size=(1, 3, 8, 8)).astype(np.float32)} for i in range(4)]
-    settings = QuantSettings(mode="static", isa="avx2", depthwise=depthwise)
+    settings = QuantSettings(mode="static", isa="avx2", all_convs=all_convs)
     quantize_graph(graph, tmp_path / "int8.onnx", settings, lambda: iter(feeds))
     model = onnx.load(tmp_path / "int8.onnx")
     conv_weights = {n.name: n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    assert conv_weights["full"] in dequantized  # an INT8 weight, dequantized into the Conv
-    assert (conv_weights["depthwise"] in dequantized) is depthwise
-    assert settings.to_dict()["depthwise"] is depthwise
+    assert conv_weights["pointwise"] in dequantized  # an INT8 weight, dequantized into the Conv
+    assert (conv_weights["depthwise"] in dequantized) is all_convs
+    assert (conv_weights["stem"] in dequantized) is all_convs
+    assert settings.to_dict()["all_convs"] is all_convs
