@@ -5,8 +5,9 @@ quantized (the word-embedding table too, if asked); LayerNorm, Softmax and GELU 
 convolutional network (one with depthwise convolutions: MobileNetV2) so do, unless asked, the
 depthwise convolutions and the stem that reads the pixels: they carry most of its INT8 error for a
 small share of its compute (on a MobileNetV2 fine-tuned from ImageNet weights, 96.7 % of the
-leukemia calls kept with both in float, 94.2 % with the stem quantized, 95.8 % with everything). Dynamic quantization computes activation scales per call (no calibration data); static QDQ
-fixes them from calibration cases, pooled here or summarised at each site (export/calibration.py).
+leukemia calls kept with both in float, 94.2 % with the stem quantized, 95.8 % with everything).
+Dynamic quantization computes activation scales per call (no calibration data); static QDQ fixes
+them from calibration cases, pooled here or summarised at each site (export/calibration.py).
 Instruction-set presets follow optimum's AutoQuantizationConfig: VNNI and ARM take signed weights,
 plain AVX2 unsigned ones.
 The head graph stays FP32: it is a fraction of the compute and the part sites fine-tune.
