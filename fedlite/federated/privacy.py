@@ -4,6 +4,7 @@ every round the site has trained, not just the last one."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -192,36 +193,35 @@ def dp_train_local(model: FedMMX, loader: DataLoader, train_config: TrainConfig,
                          hint="set proximal_mu to 0 (use FedAvg) or train without DP")
     epochs = train_config.epochs if epochs is None else epochs
     model.to(device).train()
-    fixed = _fix_batch_norm(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        _release(fixed)
-        raise InputError("the model has no trainable parameters to train under DP")
-    private = make_private(model, make_optimizer(params, train_config, lr_start), loader, privacy,
-                           accountant_state)
-    optimizer = private.optimizer
-    total_steps = max(1, epochs * len(private.loader))
-    tally = StepTally(total_steps, device, desc, progress)
-    with warnings.catch_warnings():
-        # Expected with frozen encoders: the fusion layer's inputs need no gradient.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        try:
-            for epoch in range(epochs):
-                if hasattr(loader.dataset, "set_epoch"):
-                    loader.dataset.set_epoch(epoch)
-                for batch in private.loader:
-                    set_linear_lr(optimizer, lr_start, lr_end, tally.steps, total_steps)
-                    tally.add(*_private_step(private, batch, device, train_config.gamma))
-        finally:
-            stats = tally.close()
-            optimizer.zero_grad(set_to_none=True)
-            private.unwrap()
-            _release(fixed)
+    with _batch_norms_fixed(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise InputError("the model has no trainable parameters to train under DP")
+        private = make_private(model, make_optimizer(params, train_config, lr_start), loader, privacy,
+                               accountant_state)
+        optimizer = private.optimizer
+        total_steps = max(1, epochs * len(private.loader))
+        tally = StepTally(total_steps, device, desc, progress)
+        with warnings.catch_warnings():
+            # Expected with frozen encoders: the fusion layer's inputs need no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            try:
+                for epoch in range(epochs):
+                    if hasattr(loader.dataset, "set_epoch"):
+                        loader.dataset.set_epoch(epoch)
+                    for batch in private.loader:
+                        set_linear_lr(optimizer, lr_start, lr_end, tally.steps, total_steps)
+                        tally.add(*_private_step(private, batch, device, train_config.gamma))
+            finally:
+                stats = tally.close()
+                optimizer.zero_grad(set_to_none=True)
+                private.unwrap()
     return stats, private.accountant_state()
 
 
-def _fix_batch_norm(model: FedMMX) -> list[torch.nn.Parameter]:
-    """Freeze the scales and shifts of batch norms (MobileNetV2's) for a DP-SGD run; returns them.
+@contextlib.contextmanager
+def _batch_norms_fixed(model: FedMMX):
+    """Freeze the scales and shifts of batch norms (MobileNetV2's) for a DP-SGD run, then release them.
 
     A batch norm mixes the cases of a batch, so Opacus computes no per-case gradient for it. fedlite
     keeps batch-norm statistics fixed anyway (only parameters travel), which makes each one a fixed
@@ -230,9 +230,8 @@ def _fix_batch_norm(model: FedMMX) -> list[torch.nn.Parameter]:
               for p in m.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    return frozen
-
-
-def _release(frozen: list[torch.nn.Parameter]) -> None:
-    for p in frozen:
-        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
