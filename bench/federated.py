@@ -7,6 +7,10 @@ aggregation, evaluation). Runs on CPU too, so it can be checked anywhere; the nu
 come from a GPU:
 
     fedlite bench federated --data DATA/split --preset paper --rounds 3 --freeze-rounds 0
+
+``--engine deployment`` runs the same apps on Flower's deployment engine instead of its simulation:
+a SuperLink and one SuperNode per site on loopback (fedlite.federated.loopback), each site's
+ClientApp a process of its own, as across hospitals; it needs no Ray.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import click
 
 from fedlite.atomic import atomic_write_text
+from fedlite.bench.machine import machine_info
 from fedlite.federated.config import FederatedConfig
 
 
@@ -54,6 +59,34 @@ def summarize(rounds: list[dict], flops_per_sample: float, sites: int, paper_rou
     }
 
 
+def run_deployed(cfg: FederatedConfig, split_dir: Path, force: bool) -> None:
+    """The run on a loopback deployment: every site of the split a SuperNode, all of them in every
+    round; the coordinator reads no cases (its settings name no split)."""
+    import os
+    import shutil
+
+    from fedlite.data.split import load_split
+    from fedlite.federated.loopback import LoopbackDeployment
+
+    out = Path(cfg.out).resolve()
+    if out.exists():
+        if not force:
+            raise click.UsageError(f"{out} exists; --force replaces it")
+        shutil.rmtree(out)
+    split = load_split(split_dir)
+    settings = {**cfg.site_settings(), "out": str(out), "stage-names": ",".join(split.stratum_names[1:]),
+                "min-sites": len(split.sites)}
+    threads = max(1, (os.cpu_count() or 1) // len(split.sites))
+    with LoopbackDeployment(out.parent / f"{out.name}-deployment", split_dir, threads_per_site=threads) as deployment:
+        deployment.run(settings, out)
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 @click.command()
 @click.option("--data", "split_dir", required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--preset", default="paper", show_default=True)
@@ -62,24 +95,33 @@ def summarize(rounds: list[dict], flops_per_sample: float, sites: int, paper_rou
 @click.option("--local-epochs", default=3, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench-federated"), show_default=True)
+@click.option("--compress", is_flag=True, help="Sites send top-k + int8 updates.")
+@click.option("--compress-downlink", is_flag=True, help="The global model travels as compressed changes.")
+@click.option("--engine", type=click.Choice(["simulation", "deployment"]), default="simulation", show_default=True,
+              help="Flower's simulation (Ray), or its deployment engine on loopback (a process per site).")
 @click.option("--force", is_flag=True, help="Replace an existing run directory.")
 def main(split_dir: Path, preset: str, rounds: int, freeze_rounds: int, local_epochs: int, batch_size: int,
-         out: Path, force: bool) -> None:
+         compress: bool, compress_downlink: bool, engine: str, out: Path, force: bool) -> None:
     from fedlite.data.manifest import read_dataset
     from fedlite.data.split import load_split
-    from fedlite.federated.simulation import run_federated_simulation
     from fedlite.text import builtin_tokenizer, encode_notes
 
     split = load_split(split_dir)
     cfg = FederatedConfig(split_dir=str(split_dir), out=str(out), preset=preset, rounds=rounds,
                           freeze_rounds=freeze_rounds, local_epochs=local_epochs, batch_size=batch_size,
-                          eval_every=rounds)
-    run_federated_simulation(cfg, force=force)
+                          eval_every=rounds, compress=compress, compress_downlink=compress_downlink)
+    if engine == "deployment":
+        run_deployed(cfg, split_dir, force)
+    else:
+        from fedlite.federated.simulation import run_federated_simulation
+
+        run_federated_simulation(cfg, force=force)
     history = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     notes = [c.text for c in read_dataset(Path(split_dir) / split.sites[0]).cases]
     tokens = sum(len(ids) for ids in encode_notes(builtin_tokenizer(), notes, 512).ids) / len(notes)
     report = summarize(history, training_flops_per_sample(preset, "both", tokens), len(split.sites))
-    report.update(preset=preset, sites=len(split.sites), local_epochs=local_epochs, mean_tokens=tokens)
+    report.update(preset=preset, sites=len(split.sites), local_epochs=local_epochs, mean_tokens=tokens, engine=engine,
+                  compress=compress, compress_downlink=compress_downlink, machine=machine_info(), gpu=gpu_name())
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
     click.echo(json.dumps(report, indent=2))
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,8 @@ from pathlib import Path
 import pytest
 from certificates import make_certificates
 from flower_cli import register_node_key, write_connection
+
+from fedlite.federated.loopback import free_ports, stop_process_tree, wait_for_port
 
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -39,33 +39,6 @@ pytestmark = pytest.mark.skipif(
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def base_env(flwr_home: Path) -> dict[str, str]:
@@ -122,45 +95,8 @@ class Deployment:
         return "\n".join(parts)
 
 
-def _descendants(pid: int) -> list[int]:
-    try:
-        import psutil
-
-        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-    except Exception:  # psutil missing or the process is gone
-        return []
-
-
 def stop(proc: Proc, grace: float = 5.0, hard: bool = False) -> None:
-    """SIGTERM the process, its process group and every descendant (flower-superexec runs in a session
-    of its own, flwr-serverapp/flwr-clientapp below it), then SIGKILL whatever is left. ``hard``: SIGKILL
-    at once, as a crash or a pulled network cable would (no goodbye to the SuperLink)."""
-    pids = {proc.popen.pid}
-
-    def signal_all(sig: int) -> None:
-        pids.update(_descendants(proc.popen.pid))  # again: a ClientApp may have started meanwhile
-        try:
-            os.killpg(proc.popen.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    if not hard:
-        signal_all(signal.SIGTERM)
-        try:
-            proc.popen.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        time.sleep(0.5)
-    signal_all(signal.SIGKILL)
-    try:
-        proc.popen.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+    stop_process_tree(proc.popen, grace, hard)
 
 
 def prepare_deployment(root: Path, sites: list[str], n_cases: int = 40) -> Deployment:
