@@ -73,34 +73,18 @@ def _site(msg: Message, context: Context, split_dir: str | Path | None, defaults
     return EdgeSite(runtime, site_embeddings(runtime, parts.train, cache), val, paths.name)
 
 
-def embedding_loader(embeddings: SiteEmbeddings, batch_size: int, seed: int):
-    """Shuffled batches of a site's embeddings and labels, shaped as the training loops take them."""
-    import torch
-    from torch.utils.data import DataLoader, Dataset
-
-    class Embedded(Dataset):
-        def __len__(self) -> int:
-            return len(embeddings)
-
-        def __getitem__(self, i: int) -> dict:
-            return {"image_embedding": torch.from_numpy(embeddings.image[i]),
-                    "text_embedding": torch.from_numpy(embeddings.text[i]),
-                    "leukemia": torch.tensor(embeddings.leukemia[i]), "stage": torch.tensor(embeddings.stage[i])}
-
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(Embedded(), batch_size=batch_size, shuffle=True, generator=generator)
-
-
 def train_head(runtime: BundleRuntime, embeddings: SiteEmbeddings, global_arrays: dict[str, np.ndarray],
                cfg: FederatedConfig, server_round: int, context: Context) -> LocalUpdate:
     """One edge round at a site: the bundle's head, holding the global weights, trained on the site's
     embeddings; returns the update as the site sends it (compressed, with error feedback, when the
     run compresses). What ``fedlite bench`` times as the agent's training round."""
+    from fedlite.data.embedded import EmbeddedCases, embedding_loader
     from fedlite.export.head_swap import fusion_head_from_weights
     from fedlite.training import resolve_device
 
     head = fusion_head_from_weights(runtime.meta, global_arrays)
-    loader = embedding_loader(embeddings, cfg.batch_size, cfg.seed + server_round)
+    cases = EmbeddedCases({0: embeddings.image}, embeddings.text, embeddings.leukemia, embeddings.stage)
+    loader = embedding_loader(cases, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
     # a head of a few thousand weights: a GPU would not pay off
     return local_update(head, global_arrays, loader, cfg, server_round, context, resolve_device("cpu"))
 

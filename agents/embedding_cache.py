@@ -10,8 +10,6 @@ Embeddings are derived from patient data: owner-only files in the site's cache d
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -20,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from fedlite.agents.runtime import BundleRuntime
-from fedlite.atomic import atomic_write_bytes, owner_only_dir
 from fedlite.data.manifest import MANIFEST, Dataset
+from fedlite.embedding_store import dataset_fingerprint, read_embeddings, store_key, write_embeddings
 from fedlite.errors import InputError
 from fedlite.export.bundle import encoder_fingerprint
 
@@ -41,21 +39,9 @@ class SiteEmbeddings:
         return len(self.leukemia)
 
 
-def _data_fingerprint(dataset: Dataset) -> str:
-    digest = hashlib.sha256((dataset.root / MANIFEST).read_bytes())
-    for case in dataset.cases:
-        path = dataset.image_path(case)
-        try:
-            stat = path.stat()
-        except OSError:
-            raise InputError("image file not found", path=path) from None
-        digest.update(f"{case.id}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def cache_path(runtime: BundleRuntime, dataset: Dataset, cache_dir: Path) -> Path:
-    key = hashlib.sha256(f"{encoder_fingerprint(runtime.meta)}\n{_data_fingerprint(dataset)}".encode()).hexdigest()
-    return Path(cache_dir) / f"embeddings-{key[:24]}.npz"
+    key = store_key(encoder_fingerprint(runtime.meta), dataset_fingerprint(dataset))
+    return Path(cache_dir) / f"embeddings-{key}.npz"
 
 
 def _labels(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -86,20 +72,12 @@ def site_embeddings(runtime: BundleRuntime, dataset: Dataset, cache_dir: str | P
         raise InputError("the site's dataset has no cases to train on", path=dataset.root / MANIFEST)
     path = cache_path(runtime, dataset, Path(cache_dir))
     leukemia, stage = _labels(dataset)
-    if path.is_file():
-        try:
-            with np.load(path) as stored:
-                image, text = stored["image"], stored["text"]
-            if len(image) == len(text) == len(dataset):
-                return SiteEmbeddings(image, text, leukemia, stage, cached=True)
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("embedding cache %s is unreadable (%s); recomputing it", path, exc)
+    stored = read_embeddings(path, len(dataset), ("image", "text"))
+    if stored is not None:
+        return SiteEmbeddings(stored["image"], stored["text"], leukemia, stage, cached=True)
     start = time.perf_counter()
     image, text = embed_dataset(runtime, dataset, batch_size, progress)
     seconds = time.perf_counter() - start
-    owner_only_dir(cache_dir)
-    buffer = io.BytesIO()
-    np.savez(buffer, image=image, text=text)
-    atomic_write_bytes(path, buffer.getvalue(), mode=0o600)
+    write_embeddings(path, image=image, text=text)
     log.info("embedded %d cases of %s in %.1f s (cached in %s)", len(dataset), dataset.root, seconds, path)
     return SiteEmbeddings(image, text, leukemia, stage, seconds=seconds)

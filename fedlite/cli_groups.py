@@ -67,6 +67,7 @@ class BenchGroup(DefaultCommandGroup):
     default_command, default_marker = "measure", "bundle.json"
     lazy = {
         "federated": ("fedlite.bench.federated", "Training throughput of a few simulated federated rounds."),
+        "frozen-rounds": ("fedlite.bench.frozen_rounds", "A site's frozen rounds with and without cached embeddings."),
         "poisoning": ("fedlite.bench.poisoning", "One poisoning site under FedAvg, median and trimmed mean."),
         "embedding-parity": ("fedlite.bench.embedding_parity", "Embeddings and calls of two bundles on one dataset."),
         "int8-saturation": ("fedlite.bench.int8_saturation", "How far INT8 moves from FP32 on this CPU, per preset."),

@@ -99,6 +99,10 @@ train_options = option_sections(
         "Full-model rounds", FEDERATED,
         opt("--freeze-rounds", default=2, show_default=True,
             help="Rounds with frozen encoders (only fusion and heads train and travel)."),
+        opt("--embedding-views", default=3, show_default=True,
+            help="In frozen rounds sites train on their cases' embeddings, computed once per augmented view "
+                 "and cached in their cache directory; epoch k reads view k mod N (0: no cache, every step "
+                 "runs the frozen encoders)."),
         opt("--eval-every", default=1, show_default=True,
             help="Federated evaluation every N rounds (and after the last): sites score the global model on "
                  "their validation parts and send statistics only; best/ is the round they scored best."),
@@ -128,10 +132,10 @@ def federated_config(o: dict):
     """``FederatedConfig`` of a federated or edge run from train's options."""
     from fedlite.federated.config import FederatedConfig
 
-    same = ("preset", "modality", "fusion", "rounds", "sites_per_round", "freeze_rounds", "convergence_tol",
-            "round_timeout", "max_staleness", "eval_every", "site_val_fraction", "staleness_decay", "aggregation",
-            "trim_fraction", "batch_size", "lr", "optimizer", "gamma", "dp", "noise_multiplier", "max_grad_norm",
-            "dp_delta", "compress", "compress_downlink", "link_mbps", "seed", "device")
+    same = ("preset", "modality", "fusion", "rounds", "sites_per_round", "freeze_rounds", "embedding_views",
+            "convergence_tol", "round_timeout", "max_staleness", "eval_every", "site_val_fraction", "staleness_decay",
+            "aggregation", "trim_fraction", "batch_size", "lr", "optimizer", "gamma", "dp", "noise_multiplier",
+            "max_grad_norm", "dp_delta", "compress", "compress_downlink", "link_mbps", "seed", "device")
     paths = {name: str(o[name].resolve() if name in ("edge_bundle", "sign_key") else o[name]) if o[name] else ""
              for name in ("server_test", "image_weights", "text_weights", "edge_bundle", "sign_key")}
     return FederatedConfig(

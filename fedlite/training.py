@@ -99,9 +99,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def forward_batch(model: FedMMX | FusionHead, batch: dict):
-    """Cases as pixels and token ids, or as precomputed embeddings (a hospital agent's head training)."""
-    if "image_embedding" in batch:
-        return model.classify(batch["image_embedding"], batch["text_embedding"])
+    """Cases as pixels and token ids, or as precomputed embeddings (frozen-encoder and edge training)."""
+    if "image_embedding" in batch or "text_embedding" in batch:
+        return model.classify(batch.get("image_embedding"), batch.get("text_embedding"))
     return model(batch.get("pixels"), batch.get("input_ids"), batch.get("attention_mask"))
 
 

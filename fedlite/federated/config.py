@@ -39,6 +39,7 @@ class FederatedConfig:
     sites_per_round: int = 0  # 0: every connected site
     min_sites: int = 1
     freeze_rounds: int = 2
+    embedding_views: int = 3  # frozen rounds train on cached embeddings of this many augmented views (0: no cache)
     convergence_tol: float = 0.0  # stop when ‖θ_{t+1} − θ_t‖₂ falls below it (0: never)
     round_timeout: float = 0.0  # seconds; 0: wait for every sampled site
     max_staleness: int = 2  # late updates older than this many rounds are dropped (and logged)
@@ -80,6 +81,8 @@ class FederatedConfig:
             raise InputError(f"need at least one round, got {self.rounds}")
         if self.freeze_rounds < 0 or self.local_epochs < 1 or self.batch_size < 1:
             raise InputError("freeze rounds must be >= 0, local epochs and batch size >= 1")
+        if self.embedding_views < 0:
+            raise InputError(f"--embedding-views must be >= 0 (0: no embedding cache), got {self.embedding_views}")
         if not 0 < self.topk_fraction <= 1:
             raise InputError(f"top-k fraction must be in (0, 1], got {self.topk_fraction}")
         if self.aggregation not in AGGREGATIONS:

@@ -187,8 +187,10 @@ def round_record(server_round: int, exchange: RoundExchange, step_norm: float | 
     if epsilons:
         row["epsilon_worst_site"] = max(epsilons)
     embedding = {u.site: u.metrics["embed-seconds"] for u in accepted if "embed-seconds" in u.metrics}
-    if embedding:  # sites that train on embeddings (edge fine-tuning) say what computing them cost
+    if embedding:  # sites that train on embeddings (edge rounds, frozen rounds) say what computing them cost
         row["site_embed_seconds"] = embedding
+        row["site_embeddings_cached"] = {u.site: bool(u.metrics.get("embeddings-cached")) for u in accepted
+                                         if "embed-seconds" in u.metrics}
     return row
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -88,5 +89,9 @@ def run_federated_simulation(cfg: FederatedConfig, resume: bool = False, progres
         edge = {"bundle": cfg.edge_bundle, "cache-dir": str(Path(cfg.out).resolve() / "cache")}
         return simulate(cfg.split_dir, lambda grid: run_edge_server(grid, cfg, progress=progress, force=force), edge,
                         cfg.device)
-    return simulate(cfg.split_dir, lambda grid: run_server(grid, cfg, resume=resume, progress=progress, force=force),
-                    device=cfg.device)
+    # Simulated sites keep their frozen encoders' embeddings (patient-derived) in a private scratch
+    # directory that lives as long as the simulation, never in the coordinator's run directory; a
+    # deployed site keeps them in its own cache-dir.
+    with tempfile.TemporaryDirectory(prefix="fedlite-sites-") as scratch:
+        return simulate(cfg.split_dir, lambda grid: run_server(grid, cfg, resume=resume, progress=progress,
+                                                               force=force), {"cache-dir": scratch}, cfg.device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Context, Message
 
 from fedlite.data.loader import make_loader
@@ -19,10 +20,12 @@ from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.downlink import received_parameters
+from fedlite.federated.frozen_embeddings import EmbeddingWork, frozen_eval_loader, frozen_round_loader
 from fedlite.federated.params import frozen_fingerprint, get_arrays, set_arrays, trainable_names
-from fedlite.federated.site import site_paths
-from fedlite.federated.site_update import local_update, stats_reply, update_reply
+from fedlite.federated.site import SitePaths, site_paths
+from fedlite.federated.site_update import LocalUpdate, local_update, stats_reply, update_reply
 from fedlite.federated.task import build_initial_model, cached_dataset, cached_model
+from fedlite.model import FedMMX
 from fedlite.training import predict, resolve_device
 
 
@@ -61,34 +64,63 @@ def global_model(msg: Message, cfg: FederatedConfig, context: Context):
     return model, global_arrays
 
 
+def _embedding_cache(cfg: FederatedConfig, server_round: int, node: dict[str, str]) -> Path | None:
+    """Where this round's frozen encoders' embeddings live: the site's cache directory, in a frozen
+    round of a run that caches (``embedding-views``); None: run the encoders at every step."""
+    if not (cfg.encoders_frozen(server_round) and cfg.embedding_views and node.get("cache-dir")):
+        return None
+    return Path(node["cache-dir"])
+
+
 def train_site(msg: Message, context: Context, split_dir: str | Path | None = None,
                defaults: dict[str, str] | None = None) -> Message:
     compute_start = time.time()  # wall clock, so the server can tell its sites' work from transport
     flat = dict(msg.content["config"])
     cfg = FederatedConfig.from_flat(flat)
-    server_round = int(flat["server-round"])
-    data_dir = site_paths(context, split_dir, defaults).data_dir
+    paths = site_paths(context, split_dir, defaults)
     model, global_arrays = global_model(msg, cfg, context)
-
-    dataset = cached_dataset(data_dir, cfg, model, "train")
-    dataset.seed = cfg.seed + 7919 * server_round  # fresh augmentations every round, still reproducible
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
-    update = local_update(model, global_arrays, loader, cfg, server_round, context, resolve_device(cfg.device))
+    update = local_round(model, global_arrays, cfg, int(flat["server-round"]), str(flat["frozen-fingerprint"]),
+                         paths, context)
     update.metrics.update({"compute-start": compute_start, "compute-end": time.time()})
-    return update_reply(msg, update, data_dir.name, cfg.compress)
+    return update_reply(msg, update, paths.name, cfg.compress)
+
+
+def local_round(model: FedMMX, global_arrays: dict[str, np.ndarray], cfg: FederatedConfig, server_round: int,
+                encoders: str, paths: SitePaths, context: Context) -> LocalUpdate:
+    """The site's round on its training part, ``model`` holding the global parameters: on cached
+    embeddings in a frozen round when the site has a cache directory, else on images and notes.
+    ``encoders``: the frozen fingerprint the coordinator sent (what cached embeddings are keyed by)."""
+    device = resolve_device(cfg.device)
+    dataset = cached_dataset(paths.data_dir, cfg, model, "train")
+    cache, work = _embedding_cache(cfg, server_round, paths.node), EmbeddingWork()
+    if cache is not None:
+        dataset.seed = cfg.seed  # a view's augmentation is the same every round: it is cached
+        loader = frozen_round_loader(model, dataset, cfg, server_round, encoders, cache, device, work)
+    else:
+        dataset.seed = cfg.seed + 7919 * server_round  # fresh augmentations every round, still reproducible
+        loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
+    update = local_update(model, global_arrays, loader, cfg, server_round, context, device)
+    if cache is not None:  # what the embeddings cost this round, and whether all came from the cache
+        update.metrics.update({"embed-seconds": work.seconds, "embeddings-cached": int(work.views_computed == 0)})
+    return update
 
 
 def evaluate_site(msg: Message, context: Context, split_dir: str | Path | None = None,
                   defaults: dict[str, str] | None = None) -> Message:
     """Score the global model on this site's validation part; reply with counts and sums only."""
     start = time.perf_counter()
-    cfg = FederatedConfig.from_flat(dict(msg.content["config"]))
-    data_dir = site_paths(context, split_dir, defaults).data_dir
+    flat = dict(msg.content["config"])
+    cfg = FederatedConfig.from_flat(flat)
+    paths = site_paths(context, split_dir, defaults)
     model, _ = global_model(msg, cfg, context)
-    dataset = cached_dataset(data_dir, cfg, model, "val")
+    device = resolve_device(cfg.device)
+    dataset = cached_dataset(paths.data_dir, cfg, model, "val")
     if len(dataset):
-        probabilities = predict(model, make_loader(dataset, cfg.batch_size, shuffle=False), resolve_device(cfg.device))
+        cache = _embedding_cache(cfg, int(flat["server-round"]), paths.node)
+        loader = make_loader(dataset, cfg.batch_size, shuffle=False) if cache is None else frozen_eval_loader(
+            model, dataset, cfg, str(flat["frozen-fingerprint"]), cache, device, EmbeddingWork())
+        probabilities = predict(model, loader, device)
         stats = EvalStats.from_predictions(dataset.leukemia.numpy(), dataset.stage.numpy(), *probabilities)
     else:
         stats = EvalStats.empty(len(cfg.stages))
-    return stats_reply(msg, stats, data_dir.name, time.perf_counter() - start)
+    return stats_reply(msg, stats, paths.name, time.perf_counter() - start)

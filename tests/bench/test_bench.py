@@ -117,7 +117,7 @@ def test_a_bundle_is_measured_whatever_its_name_and_the_side_benchmarks_are_subc
                                                                                        monkeypatch):
     listing = CliRunner().invoke(main, ["bench", "--help"])
     assert listing.exit_code == 0
-    for name in ("measure", "federated", "poisoning", "embedding-parity", "int8-saturation"):
+    for name in ("measure", "federated", "frozen-rounds", "poisoning", "embedding-parity", "int8-saturation"):
         assert name in listing.output
     side = CliRunner().invoke(main, ["bench", "int8-saturation", "--help"])
     assert side.exit_code == 0 and "--inputs" in side.output

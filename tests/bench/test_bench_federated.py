@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from fedlite.bench.federated import summarize, training_flops_per_sample
@@ -29,3 +31,21 @@ def test_training_flops_count_both_encoders():
     both = training_flops_per_sample("tiny", "both", mean_tokens=100)
     image = training_flops_per_sample("tiny", "image", mean_tokens=100)
     assert both > image > 0
+
+
+def test_the_frozen_round_bench_times_both_paths_and_reads_the_cache_once_every_view_is_in(synth_split, tmp_path):
+    from click.testing import CliRunner
+
+    from fedlite.bench.frozen_rounds import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["--data", str(synth_split.out_dir), "--preset", "tiny", "--rounds", "3",
+                                       "--views", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((out / "frozen_rounds.json").read_text())
+    rows = report["rounds"]
+    assert [r["all_views_cached"] for r in rows] == [False, False, True]  # views 0, 1, then read back
+    assert rows[2]["embed_seconds"] == 0 and rows[0]["embed_seconds"] > 0
+    assert all(r["uncached_seconds"] > 0 and r["cached_seconds"] > 0 for r in rows)
+    assert report["median_speedup_all_cached"] == rows[2]["speedup"]
+    assert "| 3 |" in (out / "frozen_rounds.md").read_text()
