@@ -29,6 +29,7 @@ from fedlite.data.loader import CaseDataset, make_loader
 from fedlite.embedding_store import dataset_fingerprint, read_embeddings, store_key, write_embeddings
 from fedlite.federated.config import FederatedConfig
 from fedlite.model import FedMMX
+from fedlite.text import pad_token_ids
 from fedlite.training import autocast_for
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ log = logging.getLogger(__name__)
 class EmbeddingWork:
     """What getting a part's embeddings cost this round: what the site reports beside its update."""
     seconds: float = 0.0
-    views_computed: int = 0
-    views_read: int = 0
+    computed: int = 0  # arrays computed (an image view, or the notes), the rest read from the cache
 
 
 def _key(dataset: CaseDataset, encoders: str) -> str:
@@ -52,48 +52,61 @@ def _key(dataset: CaseDataset, encoders: str) -> str:
 
 
 @torch.no_grad()
-def _embed(model: FedMMX, dataset: CaseDataset, view: int, batch_size: int,
-           device: torch.device) -> dict[str, np.ndarray]:
-    """Each case through the frozen encoders; a training part augmented as in epoch ``view``."""
+def _embed_images(model: FedMMX, dataset: CaseDataset, view: int, batch_size: int,
+                  device: torch.device) -> np.ndarray:
+    """Each image through the frozen image encoder; a training part's augmented as in epoch ``view``."""
     model.to(device).eval()
     dataset.set_epoch(view)
-    images, texts = [], []
+    out = []
     for batch in make_loader(dataset, batch_size, shuffle=False):
         with autocast_for(device):
-            if model.image_encoder is not None:
-                images.append(model.encode_image(batch["pixels"].to(device)).float().cpu())
-            if model.text_encoder is not None:
-                texts.append(model.encode_text(batch["input_ids"].to(device),
-                                               batch["attention_mask"].to(device)).float().cpu())
-    arrays = {}
-    if images:
-        arrays["image"] = torch.cat(images).numpy()
-    if texts:
-        arrays["text"] = torch.cat(texts).numpy()
-    return arrays
+            out.append(model.encode_image(batch["pixels"].to(device)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def _embed_texts(model: FedMMX, dataset: CaseDataset, batch_size: int, device: torch.device) -> np.ndarray:
+    """Each note through the frozen text encoder (no image is decoded)."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        ids, mask = pad_token_ids(dataset.token_ids[start:start + batch_size], dataset.pad_id)
+        with autocast_for(device):
+            out.append(model.encode_text(torch.from_numpy(ids).to(device),
+                                         torch.from_numpy(mask).to(device)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def _cached(path: Path, cases: int, compute, work: EmbeddingWork) -> np.ndarray:
+    stored = read_embeddings(path, cases, ("embeddings",))
+    if stored is not None:
+        return stored["embeddings"]
+    start = time.perf_counter()
+    embeddings = compute()
+    write_embeddings(path, embeddings=embeddings)
+    seconds = time.perf_counter() - start
+    work.seconds += seconds
+    work.computed += 1
+    log.info("embedded %d cases into %s in %.1f s", cases, path.name, seconds)
+    return embeddings
 
 
 def embedded_part(model: FedMMX, dataset: CaseDataset, encoders: str, cache_dir: Path, views: list[int],
-                  batch_size: int, device: torch.device, work: EmbeddingWork) -> dict[int, dict[str, np.ndarray]]:
-    """The part's embeddings for each view in ``views``: read from the cache, or computed and cached."""
-    names = tuple(n for n, enc in (("image", model.image_encoder), ("text", model.text_encoder)) if enc is not None)
-    key = _key(dataset, encoders)
-    out = {}
-    for view in views:
-        path = Path(cache_dir) / f"frozen-{key}-view{view}.npz"
-        stored = read_embeddings(path, len(dataset), names)
-        if stored is None:
-            start = time.perf_counter()
-            stored = _embed(model, dataset, view, batch_size, device)
-            write_embeddings(path, **stored)
-            work.seconds += time.perf_counter() - start
-            work.views_computed += 1
-            log.info("embedded %d cases of %s (view %d) in %.1f s", len(dataset), dataset.data.root, view,
-                     time.perf_counter() - start)
-        else:
-            work.views_read += 1
-        out[view] = stored
-    return out
+                  batch_size: int, device: torch.device,
+                  work: EmbeddingWork) -> tuple[dict[int, np.ndarray] | None, np.ndarray | None]:
+    """The part's image embeddings for each view in ``views`` and its notes' embeddings (None for a
+    modality the model lacks): read from the cache, or computed and cached."""
+    key, cache_dir, n = _key(dataset, encoders), Path(cache_dir), len(dataset)
+    images = None
+    if model.image_encoder is not None:
+        images = {view: _cached(cache_dir / f"frozen-{key}-image-view{view}.npz", n,
+                                lambda view=view: _embed_images(model, dataset, view, batch_size, device), work)
+                  for view in views}
+    texts = None
+    if model.text_encoder is not None:
+        texts = _cached(cache_dir / f"frozen-{key}-text.npz", n,
+                        lambda: _embed_texts(model, dataset, batch_size, device), work)
+    return images, texts
 
 
 def frozen_round_loader(model: FedMMX, dataset: CaseDataset, cfg: FederatedConfig, server_round: int,
@@ -104,17 +117,15 @@ def frozen_round_loader(model: FedMMX, dataset: CaseDataset, cfg: FederatedConfi
     views = cfg.embedding_views
     offset = (server_round - 1) * cfg.local_epochs
     needed = sorted({(offset + e) % views for e in range(cfg.local_epochs)})
-    stored = embedded_part(model, dataset, encoders, cache_dir, needed, cfg.batch_size, device, work)
-    image_views = {v: arrays["image"] for v, arrays in stored.items()} if model.image_encoder is not None else None
-    cases = EmbeddedCases(image_views, stored[needed[0]].get("text"), dataset.leukemia.numpy(),
-                          dataset.stage.numpy(), views=views, epoch_offset=offset)
+    images, texts = embedded_part(model, dataset, encoders, cache_dir, needed, cfg.batch_size, device, work)
+    cases = EmbeddedCases(images, texts, dataset.leukemia.numpy(), dataset.stage.numpy(), views=views,
+                          epoch_offset=offset)
     return embedding_loader(cases, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
 
 
 def frozen_eval_loader(model: FedMMX, dataset: CaseDataset, cfg: FederatedConfig, encoders: str, cache_dir: Path,
                        device: torch.device, work: EmbeddingWork) -> DataLoader:
     """The validation part's embeddings, in case order."""
-    stored = embedded_part(model, dataset, encoders, cache_dir, [0], cfg.batch_size, device, work)[0]
-    image = {0: stored["image"]} if "image" in stored else None
-    cases = EmbeddedCases(image, stored.get("text"), dataset.leukemia.numpy(), dataset.stage.numpy())
+    images, texts = embedded_part(model, dataset, encoders, cache_dir, [0], cfg.batch_size, device, work)
+    cases = EmbeddedCases(images, texts, dataset.leukemia.numpy(), dataset.stage.numpy())
     return embedding_loader(cases, cfg.batch_size, shuffle=False)

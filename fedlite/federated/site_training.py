@@ -101,7 +101,7 @@ def local_round(model: FedMMX, global_arrays: dict[str, np.ndarray], cfg: Federa
         loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
     update = local_update(model, global_arrays, loader, cfg, server_round, context, device)
     if cache is not None:  # what the embeddings cost this round, and whether all came from the cache
-        update.metrics.update({"embed-seconds": work.seconds, "embeddings-cached": int(work.views_computed == 0)})
+        update.metrics.update({"embed-seconds": work.seconds, "embeddings-cached": int(work.computed == 0)})
     return update
 
 

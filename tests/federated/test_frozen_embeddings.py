@@ -54,9 +54,9 @@ def test_frozen_rounds_embed_each_view_once_and_read_it_back(synth_split, tmp_pa
         seen.append((metrics.get("embeddings-cached"), len(list(cache.glob("frozen-*.npz")))))
         if server_round < 4:
             assert metrics["embed-seconds"] >= 0 and metrics["num-examples"] > 0
-    # run epochs 0..5 read views 0 1 | 2 0 | 1 2: views 0 and 1 are embedded in round 1, view 2 in
-    # round 2, and round 3 reads them all; round 4 trains the encoders, so it embeds nothing
-    assert seen == [(0, 2), (0, 3), (1, 3), (None, 3)]
+    # run epochs 0..5 read views 0 1 | 2 0 | 1 2: the notes and views 0 and 1 are embedded in round 1,
+    # view 2 in round 2, and round 3 reads them all; round 4 trains the encoders, so it embeds nothing
+    assert seen == [(0, 3), (0, 4), (1, 4), (None, 4)]
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in cache.glob("frozen-*.npz"))
 
@@ -66,15 +66,15 @@ def test_cached_embeddings_are_what_the_frozen_encoders_compute(synth_split, tmp
     model = build_initial_model(cfg, 4)
     dataset = cached_dataset(synth_split.out_dir / "site-02", cfg, model, "train")
     dataset.seed = cfg.seed
-    stored = embedded_part(model, dataset, "encoders", tmp_path, [1], 8, torch.device("cpu"), EmbeddingWork())[1]
+    images, texts = embedded_part(model, dataset, "encoders", tmp_path, [1], 8, torch.device("cpu"), EmbeddingWork())
     dataset.set_epoch(1)  # view 1: the augmentation the uncached path would draw in epoch 1
     batch = dataset.collate([dataset[i] for i in range(len(dataset))])
     model.eval()
     with torch.no_grad():
         image = model.encode_image(batch["pixels"]).numpy()
         text = model.encode_text(batch["input_ids"], batch["attention_mask"]).numpy()
-    np.testing.assert_allclose(stored["image"], image, atol=1e-5)
-    np.testing.assert_allclose(stored["text"], text, atol=1e-5)
+    np.testing.assert_allclose(images[1], image, atol=1e-5)
+    np.testing.assert_allclose(texts, text, atol=1e-5)
     dataset.set_epoch(0)
     other = dataset.collate([dataset[0]])["pixels"]
     assert not torch.equal(other[0], batch["pixels"][0])  # another view is another augmentation
@@ -93,19 +93,19 @@ def test_the_cache_is_recomputed_when_the_encoders_or_the_data_change(synth_spli
         dataset = cached_dataset(site, cfg, model, "train")
         work = EmbeddingWork()
         embedded_part(model, dataset, encoders, tmp_path / "cache", [0], 8, torch.device("cpu"), work)
-        return work.views_computed
+        return work.computed  # arrays: view 0 of the images, and the notes
 
-    assert computed() == 1
+    assert computed() == 2
     assert computed() == 0  # read back
-    assert computed("encoders B") == 1  # other frozen encoders
+    assert computed("encoders B") == 2  # other frozen encoders
     case = json.loads((site / "manifest.jsonl").read_text().splitlines()[0])
     image = site / case["image"]
     image.write_bytes(image.read_bytes() + b"\0")  # an image replaced
-    assert computed() == 1
+    assert computed() == 2
     lines = (site / "manifest.jsonl").read_text().splitlines()
     lines[0] = json.dumps({**json.loads(lines[0]), "text": json.loads(lines[0])["text"] + " Repeat smear."})
     (site / "manifest.jsonl").write_text("\n".join(lines) + "\n")  # a note changed
-    assert computed() == 1
+    assert computed() == 2
     assert computed() == 0
 
 
@@ -116,7 +116,7 @@ def test_a_frozen_round_scores_its_validation_part_on_cached_embeddings_as_on_im
     site = synth_split.out_dir / "site-01"
     cached = evaluate_site(msg, _context(site, tmp_path / "cache"))
     direct = evaluate_site(msg, _context(site))
-    assert len(list((tmp_path / "cache").glob("frozen-*-view0.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("frozen-*.npz"))) == 2  # the images (one view) and the notes
     a, b = (EvalStats.from_arrays(from_record(r.content["stats"]), 4) for r in (cached, direct))
     assert a.cases == b.cases > 0
     np.testing.assert_array_equal(a.leukemia_confusion, b.leukemia_confusion)
