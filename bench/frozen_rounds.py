@@ -4,7 +4,9 @@ The site's own round (``site_training.local_round``, what its training job runs 
 runs the same frozen rounds on one site twice, interleaved round by round so both see the same
 machine: once with no cache directory (every step runs the frozen encoders), once with one
 (``fedlite.federated.frozen_embeddings``: each augmented view embedded the first time an epoch needs
-it, then read back). Timed: the round from the global weights to the encoded update.
+it, then read back). Timed: the round from the global weights to the encoded update. Each path
+trains its own copy across the rounds; both are then scored on the site's validation part, which is
+the accuracy effect of training on V recurring augmented views instead of fresh ones.
 
     fedlite bench frozen-rounds --data DATA/split --preset small --text-weights MINILM_DIR --out OUT
 """
@@ -23,53 +25,70 @@ from fedlite.bench.machine import machine_info
 from fedlite.federated.config import FederatedConfig
 
 
-def time_frozen_rounds(site_dir: Path, cfg: FederatedConfig, num_stages: int, cache_dir: Path) -> list[dict]:
-    """Each frozen round of ``cfg`` at the site, uncached then cached; the global model stays the
-    initial one (every round starts from the same weights, as a run's frozen encoders are)."""
+def time_frozen_rounds(site_dir: Path, cfg: FederatedConfig, num_stages: int,
+                       cache_dir: Path) -> tuple[list[dict], dict[str, dict]]:
+    """Each frozen round of ``cfg`` at the site, uncached and cached, each path training its own copy
+    from the same initial weights (a federation of this one site); then both copies scored on the
+    site's validation part by the same uncached evaluation. Returns the rounds and the scores."""
     import time
 
     from flwr.app import Context, RecordDict
 
+    from fedlite.data.loader import make_loader
     from fedlite.federated.params import get_arrays, trainable_names
     from fedlite.federated.site import SitePaths
     from fedlite.federated.site_training import local_round
     from fedlite.federated.task import build_initial_model, cached_dataset
+    from fedlite.metrics import evaluate_predictions
+    from fedlite.training import predict, resolve_device
 
-    initial = build_initial_model(cfg, num_stages)
-    cached_dataset(site_dir, cfg, initial, "train")  # notes tokenized once, before either path is timed
-    trainable = trainable_names(initial, True)
     sites = {"uncached": SitePaths(site_dir, {}), "cached": SitePaths(site_dir, {"cache-dir": str(cache_dir)})}
+    models = {name: build_initial_model(cfg, num_stages) for name in sites}
+    for model in models.values():
+        model.set_encoders_frozen(True)
+    trainable = trainable_names(models["cached"], True)
     contexts = {name: Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
                 for name in sites}
+    cached_dataset(site_dir, cfg, models["cached"], "train")  # notes tokenized once, before either path is timed
     rows = []
     for server_round in range(1, cfg.freeze_rounds + 1):
         row = {"round": server_round}
         for name in sorted(sites, reverse=server_round % 2 == 0):  # each path goes first every other round
-            paths = sites[name]
-            model = build_initial_model(cfg, num_stages)
-            model.set_encoders_frozen(True)
+            model = models[name]  # trained in place: the next round starts from this round's weights
             start = time.perf_counter()
-            update = local_round(model, get_arrays(initial, trainable), cfg, server_round, "initial encoders", paths,
-                                 contexts[name])
+            update = local_round(model, get_arrays(model, trainable), cfg, server_round, "initial encoders",
+                                 sites[name], contexts[name])
             row[f"{name}_seconds"] = time.perf_counter() - start
             row[f"{name}_train_seconds"] = update.metrics["train-seconds"]
+            row[f"{name}_loss"] = update.metrics["train-loss"]
             if name == "cached":
                 row["embed_seconds"] = update.metrics["embed-seconds"]
                 row["all_views_cached"] = bool(update.metrics["embeddings-cached"])
         row["speedup"] = row["uncached_seconds"] / row["cached_seconds"]
         rows.append(row)
         click.echo(json.dumps(row))
-    return rows
+    val = cached_dataset(site_dir, cfg, models["cached"], "val")
+    scores = {}
+    for name, model in models.items():
+        probabilities = predict(model, make_loader(val, cfg.batch_size, shuffle=False), resolve_device(cfg.device))
+        metrics = evaluate_predictions(val.leukemia.numpy(), val.stage.numpy(), *probabilities)
+        scores[name] = {k: metrics[k] for k in ("accuracy", "auc", "stage_macro_f1")} | {"cases": len(val)}
+    return rows, scores
 
 
-def format_table(rows: list[dict], cfg: FederatedConfig, cases: int) -> str:
+def format_table(rows: list[dict], scores: dict[str, dict], cfg: FederatedConfig, cases: int) -> str:
     lines = [f"Frozen rounds at one site ({cases} training cases), `{cfg.preset}`, E = {cfg.local_epochs}, "
              f"batch {cfg.batch_size}, {cfg.embedding_views} cached views.", "",
-             "| round | today: s | cached: s | of which embedding s | all views cached | ratio |",
+             "| round | encoders every step: s | cached: s | of which embedding s | all views cached | ratio |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['round']} | {r['uncached_seconds']:.2f} | {r['cached_seconds']:.2f} | "
                      f"{r['embed_seconds']:.2f} | {'yes' if r['all_views_cached'] else 'no'} | {r['speedup']:.1f}× |")
+    lines += ["", f"After {len(rows)} rounds, on the site's {scores['cached']['cases']} validation cases:", "",
+              "| path | accuracy | AUC | stage macro-F1 |", "|---|---|---|---|"]
+    for name, label in (("uncached", "encoders every step"), ("cached", "cached embeddings")):
+        s = scores[name]
+        lines.append(f"| {label} | {100 * s['accuracy']:.2f} % | {s['auc']:.4f} | {s['stage_macro_f1']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -97,17 +116,17 @@ def main(split_dir: Path, site: str | None, preset: str, text_weights: Path | No
                           text_weights=str(text_weights or ""), image_weights=str(image_weights or ""),
                           device="cpu", optimizer="adamw")
     with tempfile.TemporaryDirectory(prefix="fedlite-frozen-bench-") as cache:
-        rows = time_frozen_rounds(Path(split_dir) / site, cfg, len(stages), Path(cache))
+        rows, scores = time_frozen_rounds(Path(split_dir) / site, cfg, len(stages), Path(cache))
     cases = len(site_parts(Path(split_dir) / site, cfg.site_val_fraction).train)
     steady = [r["speedup"] for r in rows if r["all_views_cached"]]
     report = {"preset": preset, "site": site, "training_cases": cases, "local_epochs": local_epochs,
-              "batch_size": batch_size, "views": views, "rounds": rows,
+              "batch_size": batch_size, "views": views, "rounds": rows, "validation": scores,
               "median_speedup_all_cached": statistics.median(steady) if steady else None,
               "machine": machine_info()}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "frozen_rounds.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out / "frozen_rounds.md", format_table(rows, cfg, cases))
-    click.echo(format_table(rows, cfg, cases))
+    atomic_write_text(out / "frozen_rounds.md", format_table(rows, scores, cfg, cases))
+    click.echo(format_table(rows, scores, cfg, cases))
 
 
 if __name__ == "__main__":

@@ -49,3 +49,5 @@ def test_the_frozen_round_bench_times_both_paths_and_reads_the_cache_once_every_
     assert all(r["uncached_seconds"] > 0 and r["cached_seconds"] > 0 for r in rows)
     assert report["median_speedup_all_cached"] == rows[2]["speedup"]
     assert "| 3 |" in (out / "frozen_rounds.md").read_text()
+    assert set(report["validation"]) == {"uncached", "cached"}
+    assert all(0 <= s["accuracy"] <= 1 and s["cases"] > 0 for s in report["validation"].values())
