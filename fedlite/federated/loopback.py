@@ -142,6 +142,26 @@ class Process:
     log: Path
 
 
+def spawn(root: Path, name: str, args: list[str], env: dict[str, str]) -> Process:
+    """A process with its output in ``root/logs/NAME.log``, in a session of its own so that
+    ``stop_process_tree`` ends it with whatever it starts."""
+    log = root / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as fh:
+        popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 cwd=root, start_new_session=True)
+    return Process(name, popen, log)
+
+
+def process_logs(procs: list[Process], tail: int = LOG_TAIL) -> str:
+    """The end of each process's log, headed by its name, pid and exit status."""
+    parts = []
+    for proc in procs:
+        text = proc.log.read_text(errors="replace") if proc.log.exists() else ""
+        parts.append(f"===== {proc.name} (pid {proc.popen.pid}, exit {proc.popen.poll()}) =====\n{text[-tail:]}")
+    return "\n".join(parts)
+
+
 @dataclass
 class LoopbackDeployment:
     """``with LoopbackDeployment(root, split) as d: d.run(settings)``: started on entry, every process
@@ -170,14 +190,8 @@ class LoopbackDeployment:
         self.stop()
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Process:
-        log = self.root / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("wb") as fh:
-            popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=self.root, start_new_session=True)
-        proc = Process(name, popen, log)
-        self.procs.append(proc)
-        return proc
+        self.procs.append(spawn(self.root, name, args, env))
+        return self.procs[-1]
 
     def _start(self) -> None:
         ports = free_ports(len(self.sites) + 1)
@@ -203,12 +217,7 @@ class LoopbackDeployment:
                               cwd=self.root, capture_output=True, text=True, timeout=timeout)
 
     def logs(self) -> str:
-        parts = []
-        for proc in self.procs:
-            text = proc.log.read_text(errors="replace") if proc.log.exists() else ""
-            parts.append(f"===== {proc.name} (pid {proc.popen.pid}, exit {proc.popen.poll()}) =====\n"
-                         f"{text[-LOG_TAIL:]}")
-        return "\n".join(parts)
+        return process_logs(self.procs)
 
     def _status(self, run_id: str) -> str:
         try:

@@ -24,7 +24,8 @@ import pytest
 from certificates import make_certificates
 from flower_cli import register_node_key, write_connection
 
-from fedlite.federated.loopback import free_ports, stop_process_tree, wait_for_port
+from fedlite.federated.loopback import Process as Proc
+from fedlite.federated.loopback import free_ports, process_logs, spawn, stop_process_tree, wait_for_port
 
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -61,13 +62,6 @@ def base_env(flwr_home: Path) -> dict[str, str]:
 
 
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-
-@dataclass
 class Deployment:
     root: Path
     certs: dict[str, Path]
@@ -78,21 +72,11 @@ class Deployment:
     nodes: dict[str, Proc] = field(default_factory=dict)
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
-        log = self.root / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("wb") as fh:
-            popen = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, cwd=self.root, start_new_session=True)
-        proc = Proc(name, popen, log)
-        self.procs.append(proc)
-        return proc
+        self.procs.append(spawn(self.root, name, args, env))
+        return self.procs[-1]
 
     def logs(self) -> str:
-        parts = []
-        for proc in self.procs:
-            text = proc.log.read_text(errors="replace") if proc.log.exists() else ""
-            parts.append(f"===== {proc.name} (pid {proc.popen.pid}, rc {proc.popen.poll()}) =====\n{text[-LOG_TAIL:]}")
-        return "\n".join(parts)
+        return process_logs(self.procs, LOG_TAIL)
 
 
 def stop(proc: Proc, grace: float = 5.0, hard: bool = False) -> None:
