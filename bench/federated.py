@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from fedlite.atomic import atomic_write_text
+from fedlite.atomic import atomic_write_text, require_free
 from fedlite.bench.machine import machine_info
 from fedlite.federated.config import FederatedConfig
 
@@ -69,10 +69,8 @@ def run_deployed(cfg: FederatedConfig, split_dir: Path, force: bool) -> None:
     from fedlite.federated.loopback import LoopbackDeployment
 
     out = Path(cfg.out).resolve()
-    if out.exists():
-        if not force:
-            raise click.UsageError(f"{out} exists; --force replaces it")
-        shutil.rmtree(out)
+    require_free(out, force, "the run directory")
+    shutil.rmtree(out, ignore_errors=True)
     split = load_split(split_dir)
     settings = {**cfg.site_settings(), "out": str(out), "stage-names": ",".join(split.stratum_names[1:]),
                 "min-sites": len(split.sites)}

@@ -128,7 +128,8 @@ def flower_env(home: Path, threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def _json_in(text: str) -> dict:
+def json_in(text: str) -> dict:
+    """The JSON object in a Flower CLI's output (``--format json``), past any lines before it."""
     start = text.find("{")
     if start < 0:
         raise ValueError(f"no JSON in {text!r}")
@@ -221,7 +222,7 @@ class LoopbackDeployment:
 
     def _status(self, run_id: str) -> str:
         try:
-            reply = _json_in(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60).stdout)
+            reply = json_in(self.flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json", timeout=60).stdout)
             return str(reply["runs"][0]["status"])
         except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError):
             return ""
@@ -241,7 +242,7 @@ class LoopbackDeployment:
         submitted = self.flwr("run", str(project_dir()), CONNECTION, "--run-config", run_config, "--format", "json",
                               timeout=300)
         try:
-            run_id = str(_json_in(submitted.stdout)["run-id"])
+            run_id = str(json_in(submitted.stdout)["run-id"])
         except (ValueError, KeyError):
             raise RuntimeError(f"flwr run failed ({submitted.returncode}):\n{submitted.stdout}\n{submitted.stderr}\n"
                                f"{self.logs()}") from None

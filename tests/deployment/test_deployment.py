@@ -12,7 +12,6 @@ process tree, in a ``finally``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from certificates import make_certificates
 from flower_cli import register_node_key, write_connection
 
 from fedlite.federated.loopback import Process as Proc
-from fedlite.federated.loopback import free_ports, process_logs, spawn, stop_process_tree, wait_for_port
+from fedlite.federated.loopback import (flower_env, free_ports, json_in, process_logs, spawn, stop_process_tree,
+                                       wait_for_port)
 
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -43,21 +43,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def base_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",  # SuperLink/SuperNode spawn flower-superexec by name
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "TQDM_DISABLE": "1",
-        "PYTHONUNBUFFERED": "1",
-        # The box is shared: keep every torch process to one thread.
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-    })
+    """A Flower process's environment, each torch process at one thread (the box is shared)."""
+    env = flower_env(flwr_home, threads=1)
     env.pop("PYTHONPATH", None)
-    flwr_home.mkdir(parents=True, exist_ok=True)
     return env
 
 
@@ -161,13 +149,6 @@ def flwr(deployment: Deployment, *args: str, timeout: float = 120) -> subprocess
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _json_in(text: str) -> dict:
-    start = text.find("{")
-    if start < 0:
-        raise ValueError(f"no JSON in {text!r}")
-    return json.JSONDecoder().raw_decode(text[start:])[0]
-
-
 def flwr_run(deployment: Deployment, out: Path, **overrides) -> str:
     """Submit the project as a run; returns the run id."""
     settings = {"split-dir": str(deployment.split), "out": str(out), "preset": "tiny", "rounds": 1,
@@ -176,7 +157,7 @@ def flwr_run(deployment: Deployment, out: Path, **overrides) -> str:
     result = flwr(deployment, "run", str(PROJECT), "hospitals", "--run-config", run_config, "--format", "json",
                   timeout=180)
     try:
-        reply = _json_in(result.stdout)
+        reply = json_in(result.stdout)
     except ValueError:
         reply = {}
     if result.returncode != 0 or not reply.get("success"):
@@ -188,7 +169,7 @@ def run_status(deployment: Deployment, run_id: str) -> str:
     """``pending``, ``starting``, ``running`` or ``finished:completed|failed|stopped`` ("" if unknown)."""
     try:
         result = flwr(deployment, "ls", "hospitals", "--run-id", run_id, "--format", "json", timeout=60)
-        return str(_json_in(result.stdout)["runs"][0]["status"])
+        return str(json_in(result.stdout)["runs"][0]["status"])
     except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError):
         return ""
 
