@@ -109,7 +109,7 @@ def edge_heavy_path(spec: dict) -> dict:
     from fedlite.agents.runtime import BundleRuntime, RuntimeSettings
     from fedlite.data.manifest import read_dataset
     from fedlite.export.head_swap import read_head_weights
-    from fedlite.federated.compress import decode_update, encoded_nbytes
+    from fedlite.federated.compress import decode_update, encoded_nbytes, unpack_encoded
     from fedlite.federated.config import FederatedConfig
 
     torch.set_num_threads(spec["threads"])
@@ -132,7 +132,7 @@ def edge_heavy_path(spec: dict) -> dict:
     start = time.perf_counter()
     update = train_head(runtime, embeddings, weights, run, 1, context)
     seconds = time.perf_counter() - start
-    delta = decode_update(update.arrays, {name: value.shape for name, value in weights.items()})
+    delta = decode_update(unpack_encoded(update.arrays), {name: value.shape for name, value in weights.items()})
     sent = {name: weights[name] + delta[name] for name in weights}  # the head the coordinator gets from it
     stages["train_round"] = {"seconds": seconds, "epochs": spec["epochs"], "steps": int(update.metrics["steps"]),
                              "local_loss_before": before,

@@ -30,7 +30,7 @@ from fedlite.training import autocast_for, forward_batch, set_linear_lr, to_devi
 @dataclass(frozen=True)
 class DistillConfig:
     epochs: int = 15
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.01
     alpha: float = 0.0  # weight of the label loss; 0: learn the teacher's outputs only
     temperature: float = 2.0

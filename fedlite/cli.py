@@ -219,7 +219,7 @@ def export_build(checkpoint: Path, **o) -> None:
         from fedlite.export.federated import EXPORT_RUN, export_simulated
 
         run = dataclasses.replace(EXPORT_RUN, batch_size=o["batch_size"], seed=o["seed"], device=o["device"],
-                                  site_val_fraction=o["site_val_fraction"])
+                                  site_val_fraction=o["site_val_fraction"], local_epochs=o["site_epochs"])
         result = export_simulated(checkpoint, out, options, o["sites_split"], run, force=o["force"])
     else:
         result = export_bundle(checkpoint, out, options, data=o["data_dir"], eval_data=o["eval_data"],
@@ -547,18 +547,19 @@ def agent_run(config_path: Path, max_retries: int, initial_backoff: float, max_b
 @click.option("--local-epochs", default=1, show_default=True,
               help="Local epochs per round (the centralized baseline trains rounds x local epochs).")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
-@click.option("--export-rounds", default=15, show_default=True, help="Federated distillation rounds of the export.")
+@click.option("--export-epochs", default=15, show_default=True,
+              help="Distillation epochs of the export at the sites (3 local epochs a round).")
 @click.option("--report-only-gate", is_flag=True,
               help="Print the export's parity table but write the bundle whatever it says (smoke runs on a "
                    "handful of cases, where agreement rates mean little).")
 @click.option("--seed", default=0, show_default=True)
-def quickstart(out: Path, cases: int, rounds: int, local_epochs: int, preset: str, export_rounds: int,
+def quickstart(out: Path, cases: int, rounds: int, local_epochs: int, preset: str, export_epochs: int,
                report_only_gate: bool, seed: int) -> None:
     """The whole pipeline on the embedded synthetic data, on CPU, in minutes."""
     from fedlite.quickstart import run_quickstart
 
     run_quickstart(out, cases=cases, rounds=rounds, local_epochs=local_epochs, preset=preset, seed=seed,
-                   export_rounds=export_rounds, gate_applies=not report_only_gate,
+                   export_epochs=export_epochs, gate_applies=not report_only_gate,
                    echo=click.echo)
 
 
@@ -576,14 +577,15 @@ def _numbers(value: str, option: str) -> tuple[float, ...]:
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True)
 @click.option("--rounds", default=8, show_default=True, help="Federated rounds (one local epoch each).")
 @click.option("--epochs", default=None, type=int, help="Epochs of the pooled baselines (default: --rounds).")
-@click.option("--export-rounds", default=15, show_default=True, help="Federated distillation rounds of the bundle.")
+@click.option("--export-epochs", default=15, show_default=True,
+              help="Distillation epochs of the bundle at the sites (3 local epochs a round).")
 @click.option("--shares", default="0.25,0.5", show_default=True, help="Shares of the training cases to retrain on.")
 @click.option("--blur", default="1,2,3", show_default=True, help="Gaussian blur σ in pixels.")
 @click.option("--noise", default="16,32,64", show_default=True, help="Gaussian noise σ on the 0-255 scale.")
 @click.option("--explain-cases", default=8, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild every run, even one of another split or stage names.")
-def report(split: Path, out: Path, preset: str, rounds: int, epochs: int | None, export_rounds: int, shares: str,
+def report(split: Path, out: Path, preset: str, rounds: int, epochs: int | None, export_epochs: int, shares: str,
            blur: str, noise: str, explain_cases: int, seed: int, force: bool) -> None:
     """The paper's comparisons on SPLIT (unimodal, late fusion, fusion layer, pooled against federated),
     robustness to blur, noise and fewer cases, and explanation quality: one HTML page, Markdown, JSON."""
@@ -595,7 +597,7 @@ def report(split: Path, out: Path, preset: str, rounds: int, epochs: int | None,
     if not all(0 < f < 1 for f in fractions):
         raise click.BadParameter("every share must be between 0 and 1 (the whole is always included)",
                                  param_hint="--shares")
-    settings = ReportSettings(preset=preset, rounds=rounds, epochs=epochs or rounds, export_rounds=export_rounds,
+    settings = ReportSettings(preset=preset, rounds=rounds, epochs=epochs or rounds, export_epochs=export_epochs,
                               shares=fractions, blur=_numbers(blur, "--blur"), noise=_numbers(noise, "--noise"),
                               explain_cases=explain_cases, seed=seed)
     result = build_report(split, out, settings, force=force, echo=click.echo)

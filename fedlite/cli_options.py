@@ -94,7 +94,9 @@ train_options = option_sections(
         opt("--max-grad-norm", default=1.0, show_default=True, help="DP per-case clipping norm C."),
         opt("--dp-delta", default=1e-5, show_default=True, help="DP δ."),
         opt("--compress", is_flag=True, help="Send top-k + int8 updates with error feedback."),
-        opt("--topk", default=0.1, show_default=True, help="Share of update entries sent with --compress.")),
+        opt("--topk", default=0.1, show_default=True, help="Share of update entries sent with --compress."),
+        opt("--topk-warmup-rounds", default=0, show_default=True,
+            help="Over these first rounds the share sent falls geometrically from near 1 to --topk.")),
     option_section(
         "Full-model rounds", FEDERATED,
         opt("--freeze-rounds", default=2, show_default=True,
@@ -135,7 +137,8 @@ def federated_config(o: dict):
     same = ("preset", "modality", "fusion", "rounds", "sites_per_round", "freeze_rounds", "embedding_views",
             "convergence_tol", "round_timeout", "max_staleness", "eval_every", "site_val_fraction", "staleness_decay",
             "aggregation", "trim_fraction", "batch_size", "lr", "optimizer", "gamma", "dp", "noise_multiplier",
-            "max_grad_norm", "dp_delta", "compress", "compress_downlink", "link_mbps", "seed", "device")
+            "max_grad_norm", "dp_delta", "compress", "compress_downlink", "topk_warmup_rounds", "link_mbps", "seed",
+            "device")
     paths = {name: str(o[name].resolve() if name in ("edge_bundle", "sign_key") else o[name]) if o[name] else ""
              for name in ("server_test", "image_weights", "text_weights", "edge_bundle", "sign_key")}
     return FederatedConfig(
@@ -158,7 +161,7 @@ export_options = option_sections(
             "encoder starts from when it is not the teacher's (e.g. ImageNet MobileNetV2 for --student mobile)."),
         opt("--no-distill", is_flag=True, help="Export the teacher itself (pruning and INT8 still apply)."),
         opt("--distill-epochs", default=15, show_default=True),
-        opt("--lr", default=1e-3, show_default=True, help="AdamW learning rate for distillation and recovery."),
+        opt("--lr", default=3e-4, show_default=True, help="AdamW learning rate for distillation and recovery."),
         opt("--alpha", default=0.0, show_default=True, help="Weight of the label loss against the teacher's "
             "soft targets (0: the student learns the teacher's calls only, which the gate checks)."),
         opt("--temperature", default=2.0, show_default=True, help="Softens both models' outputs in the "
@@ -204,6 +207,9 @@ export_options = option_sections(
             help="Export at the sites of this split, simulated here: distillation, pruning scores, "
                  "calibration and verification run at each site on its own cases; only parameters and "
                  "statistics travel. (Deployed: `flwr run . --run-config 'export-checkpoint=\"CKPT\"'`.)"),
+        opt("--site-epochs", default=3, show_default=True,
+            help="Local epochs of each distillation round at the sites: --distill-epochs passes over the "
+                 "consortium's cases make ceil(epochs / site-epochs) rounds."),
         opt("--site-val-fraction", default=0.2, show_default=True,
             help="Share of each site's cases it verifies on, when it has no val/ directory.")),
     option_section(

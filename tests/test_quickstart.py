@@ -6,7 +6,7 @@ from fedlite.cli import main
 def test_quickstart_runs_end_to_end_and_says_where_results_are(tmp_path):
     out = tmp_path / "qs"
     args = ["quickstart", "--out", str(out), "--cases", "60", "--rounds", "2", "--local-epochs", "1",
-            "--export-rounds", "2", "--report-only-gate"]  # 8 validation cases: the gate's rates mean little
+            "--export-epochs", "2", "--report-only-gate"]  # 8 validation cases: the gate's rates mean little
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     for name in ("data/manifest.jsonl", "data/split/split.json", "federated/best/model.safetensors",

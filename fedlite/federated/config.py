@@ -15,6 +15,7 @@ from fedlite.atomic import atomic_write_text
 from fedlite.data.holdout import DEFAULT_VAL_FRACTION
 from fedlite.data.manifest import DEFAULT_STAGE_NAMES
 from fedlite.errors import InputError
+from fedlite.federated.compress import warmed_topk
 from fedlite.federated.link_model import parse_link_mbps
 
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
@@ -66,6 +67,7 @@ class FederatedConfig:
     # update compression
     compress: bool = False
     topk_fraction: float = 0.1
+    topk_warmup_rounds: int = 0  # the fraction falls from near 1 to topk_fraction over these first rounds
     compress_downlink: bool = False  # the global model travels as compressed changes since each site's copy
     # edge fine-tuning: train only the head of this bundle on the sites' cached embeddings
     edge_bundle: str = ""
@@ -85,6 +87,8 @@ class FederatedConfig:
             raise InputError(f"--embedding-views must be >= 0 (0: no embedding cache), got {self.embedding_views}")
         if not 0 < self.topk_fraction <= 1:
             raise InputError(f"top-k fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.topk_warmup_rounds < 0:
+            raise InputError(f"--topk-warmup-rounds must be >= 0, got {self.topk_warmup_rounds}")
         if self.aggregation not in AGGREGATIONS:
             raise InputError(f"unknown aggregation {self.aggregation!r}", hint=f"one of {', '.join(AGGREGATIONS)}")
         if not 0 <= self.trim_fraction < 0.5:
@@ -114,6 +118,9 @@ class FederatedConfig:
     def lr_for_round(self, server_round: int) -> float:
         """Linear decay with the global round (paper): full lr in round 1, lr/T in round T."""
         return self.lr * (1 - (server_round - 1) / self.rounds)
+
+    def topk_for_round(self, server_round: int) -> float:
+        return warmed_topk(self.topk_fraction, self.topk_warmup_rounds, server_round)
 
     def encoders_frozen(self, server_round: int) -> bool:
         return server_round <= self.freeze_rounds

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedlite.errors import InputError
-from fedlite.federated.compress import SEPARATOR, decode_update, encode_update
+from fedlite.federated.compress import SEPARATOR, decode_update, encode_update, pack_encoded, unpack_encoded
 
 # message config keys
 VERSION, BASE, SEEDS = "downlink-version", "downlink-base", "downlink-seeds"
 FULL = -1  # BASE of a message that carries θ̂ whole
-STEP_SEPARATOR = "@"  # "<version>@<tensor>::<component>": one kept change of the chain
+STEP_SEPARATOR = "@"  # "<version>@codec::<part>": one kept change of the chain, packed
 STATE = "fedlite-downlink"  # the site's copy, in its Flower context state
 KEPT_VERSIONS = 16  # changes kept: a training round and an evaluation each make one
 
@@ -71,8 +71,9 @@ class DownlinkStream:
     changes: deque = field(default_factory=deque)
     node_versions: dict[int, int] = field(default_factory=dict)
 
-    def advance(self, target: dict[str, np.ndarray]) -> None:
-        """A new version towards ``target`` (the global model's tensors that travel now)."""
+    def advance(self, target: dict[str, np.ndarray], topk_fraction: float | None = None) -> None:
+        """A new version towards ``target`` (the global model's tensors that travel now), its
+        change sent at ``topk_fraction`` (default: the stream's)."""
         new = sorted(set(target) - set(self.reference))
         dropped = sorted(set(self.reference) - set(target))
         for name in dropped:
@@ -82,7 +83,7 @@ class DownlinkStream:
         for name in new:
             self.reference[name] = np.array(target[name], dtype=np.float32)
         changed = {n: np.asarray(target[n], np.float32) - self.reference[n] for n in target}
-        encoded, _ = encode_update(changed, None, self.topk_fraction)
+        encoded, _ = encode_update(changed, None, topk_fraction or self.topk_fraction)
         # θ̂ advances by the decoded change, the sites' own arithmetic, so both copies round alike
         for name, step in decode_update(encoded).items():
             self.reference[name] += step
@@ -99,7 +100,8 @@ class DownlinkStream:
         if held is None or held < oldest - 1 or held > self.version:
             return dict(self.reference), {VERSION: self.version, BASE: FULL}
         chain = [c for c in self.changes if c.version > held]
-        arrays = {f"{c.version}{STEP_SEPARATOR}{key}": value for c in chain for key, value in c.encoded.items()}
+        arrays = {f"{c.version}{STEP_SEPARATOR}{key}": value for c in chain
+                  for key, value in pack_encoded(c.encoded).items()}
         steps = {str(c.version): {"seeded": c.seeded, "seed-digest": c.seed_digest, "dropped": c.dropped}
                  for c in chain}
         return arrays, {VERSION: self.version, BASE: held, SEEDS: json.dumps(steps)}
@@ -143,7 +145,7 @@ def apply_downlink(arrays: dict[str, np.ndarray], config: dict, state: tuple[int
     for key, value in arrays.items():
         step, sep, rest = key.partition(STEP_SEPARATOR)
         if not sep or not step.isdigit() or SEPARATOR not in rest:
-            raise InputError(f"downlink key {key!r} is not <version>{STEP_SEPARATOR}<tensor>{SEPARATOR}<part>")
+            raise InputError(f"downlink key {key!r} is not <version>{STEP_SEPARATOR}codec{SEPARATOR}<part>")
         by_step.setdefault(int(step), {})[rest] = value
     for step in range(held + 1, version + 1):
         info = steps.get(str(step)) if isinstance(steps, dict) else None
@@ -159,7 +161,9 @@ def apply_downlink(arrays: dict[str, np.ndarray], config: dict, state: tuple[int
                                  "coordinator's", hint="sites and coordinator need the same preset, seed and weights")
             copy.update({n: np.array(v, dtype=np.float32) for n, v in own.items()})
         expected = {n: v.shape for n, v in copy.items()}
-        for name, change in decode_update(by_step.get(step, {}), expected).items():
+        if step not in by_step:
+            raise InputError(f"the message lacks the arrays of the change to version {step}")
+        for name, change in decode_update(unpack_encoded(by_step[step]), expected).items():
             copy[name] += change
     return version, copy
 

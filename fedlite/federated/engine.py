@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from fedlite.atomic import json_text
 from fedlite.federated.aggregate import Rejection, SiteUpdate, aggregate, update_norm
+from fedlite.federated.compress import warmed_topk
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.downlink import DownlinkStream
 from fedlite.federated.link_model import link_record
@@ -142,7 +143,8 @@ def round_messages(job: UpdateJob, arrays: dict[str, np.ndarray], settings: dict
 def downlink_messages(stream: DownlinkStream, arrays: dict[str, np.ndarray], settings: dict,
                       nodes: list[int]) -> dict[int, RecordDict]:
     """A new version of the stream towards ``arrays``, and each node's message up to it."""
-    stream.advance(arrays)
+    stream.advance(arrays, warmed_topk(stream.topk_fraction, int(settings.get("topk-warmup-rounds", 0)),
+                                       int(settings.get("server-round", 1))))
     contents = {}
     for node in nodes:
         node_arrays, downlink = stream.message_for(node)

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from fedlite.errors import InputError
 from fedlite.eval_stats import EvalStats, merge
 from fedlite.federated.aggregate import Rejection, SiteUpdate, screen_updates
-from fedlite.federated.compress import decode_update, is_encoded
+from fedlite.federated.compress import decode_update, is_packed, unpack_encoded
 from fedlite.federated.replies import reply_arrays, reply_metrics, reply_site
 from fedlite.federated.site_guard import TAG
 
@@ -89,7 +89,7 @@ def _parse_update(msg: Message, sent: Outstanding, server_round: int, replies: R
     try:
         raw = reply_arrays(msg)
         replies.bytes_received[site] = msg.content["arrays"].count_bytes()
-        delta = decode_update(raw, sent.shapes) if is_encoded(raw) else raw
+        delta = decode_update(unpack_encoded(raw), sent.shapes) if is_packed(raw) else raw
         metrics = reply_metrics(msg, required=("num-examples", "train-loss"))
     except (InputError, ValueError) as exc:
         replies.rejected.append(Rejection(site, f"malformed update: {exc}"))

@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch.utils.data import DataLoader
 
 from fedlite.eval_stats import EvalStats
-from fedlite.federated.compress import encode_update
+from fedlite.federated.compress import encode_update, pack_encoded
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.params import get_arrays
 from fedlite.federated.records import from_record, to_record
@@ -66,7 +66,9 @@ def local_update(model: torch.nn.Module, global_arrays: dict[str, np.ndarray], l
     delta = {n: local[n] - global_arrays[n] for n in global_arrays}
     arrays = delta
     if cfg.compress:
-        arrays, residual = encode_update(delta, load_residual(context, delta), topk_fraction=cfg.topk_fraction)
+        encoded, residual = encode_update(delta, load_residual(context, delta),
+                                            topk_fraction=cfg.topk_for_round(server_round))
+        arrays = pack_encoded(encoded)
         store_residual(context, residual)
     metrics.update({"num-examples": len(loader.dataset), "train-loss": stats.mean_loss,
                     "train-seconds": stats.seconds, "peak-memory-mb": stats.peak_memory_mb,

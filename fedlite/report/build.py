@@ -122,8 +122,8 @@ def build_report(split: str | Path, out: str | Path, settings: ReportSettings = 
     shares.append({"share": 1.0, **headline(models[FEDERATED])})
     timings["training share"] = time.perf_counter() - start
 
-    start = step(f"5/6 exporting the federated model at the sites: INT8 bundle ({settings.export_rounds} "
-                 f"distillation rounds) and the teacher as it is, then blur and noise on the evaluation images")
+    start = step(f"5/6 exporting the federated model at the sites: INT8 bundle ({settings.export_epochs} "
+                 f"distillation epochs) and the teacher as it is, then blur and noise on the evaluation images")
     refused = None
     try:
         bundle = exported(ctx, "bundle", checkpoints[FEDERATED], int8=True)

@@ -32,7 +32,7 @@ class ReportSettings:
     preset: str = "tiny"
     rounds: int = 8  # federated rounds (one local epoch each)
     epochs: int = 8  # pooled baselines' epochs: as many passes over the cases as the federated run
-    export_rounds: int = 15  # federated distillation rounds of the INT8 bundle
+    export_epochs: int = 15  # distillation epochs of the INT8 bundle at the sites
     shares: tuple[float, ...] = (0.25, 0.5)  # shares of the training cases, beside the whole
     blur: tuple[float, ...] = (1.0, 2.0, 3.0)  # Gaussian blur σ in pixels
     noise: tuple[float, ...] = (16.0, 32.0, 64.0)  # Gaussian noise σ on the 0-255 scale
@@ -99,13 +99,14 @@ def exported(ctx: RunContext, name: str, checkpoint: Path, int8: bool) -> Path:
     reference for explanations."""
     s = ctx.settings
     out = ctx.out / name
-    config = {"kind": "export", "int8": int8, "rounds": s.export_rounds if int8 else 0, "seed": s.seed,
+    config = {"kind": "export", "int8": int8, "epochs": s.export_epochs if int8 else 0,
+              "site_epochs": EXPORT_RUN.local_epochs, "lr": DistillConfig.lr, "seed": s.seed,
               "teacher": file_digest(checkpoint / "model.safetensors"), "split": file_digest(ctx.split / SPLIT_FILE)}
     if ctx.ledger.finished(name, config, out / "bundle.json"):
         log.info("reusing %s (same configuration)", out)
         return out
     if int8:
-        options = ExportOptions(int8=True, distill_config=DistillConfig(epochs=s.export_rounds, lr=LR),
+        options = ExportOptions(int8=True, distill_config=DistillConfig(epochs=s.export_epochs),
                                 gate=EXPORT_GATE, seed=s.seed, progress=ctx.progress)
     else:
         options = ExportOptions(distill=False, prune=PruneConfig(fraction=0.0), recovery_epochs=0, gate=NO_GATE,

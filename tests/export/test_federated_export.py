@@ -1,6 +1,7 @@
 """Federated export: distillation, pruning, calibration and the gate as jobs at the sites; the
 coordinator holds the teacher and never a case; what sites send is parameters and statistics."""
 
+import dataclasses
 import json
 import shutil
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from opened_files import OpenedFiles
+from wire import sent_tensor_names
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedlite.agents.runtime import BundleRuntime
@@ -58,7 +60,9 @@ def site_export(teacher_run, sites_only, tmp_path_factory):
     out = tmp_path_factory.mktemp("federated-export") / "bundle"
     opened.recording = True
     try:
-        result = export_simulated(checkpoint, out, _options(), sites_only, RUN)
+        # three epochs, two at every site per round: a round of two, then a round of one
+        result = export_simulated(checkpoint, out, _options(distill_config=DistillConfig(epochs=3, lr=3e-3)),
+                                  sites_only, dataclasses.replace(RUN, local_epochs=2))
     finally:
         opened.recording = False
     return result, opened.paths
@@ -72,12 +76,16 @@ def test_the_coordinator_exports_without_reading_a_case(site_export, sites_only)
     parts = {s: site_parts(sites_only / s) for s in SITES}
     assert sources["distill"] == {"kind": "sites", "sites": {s: len(p.train) for s, p in parts.items()}}
     assert sources["verification"] == {"kind": "sites", "sites": {s: len(p.val) for s, p in parts.items()}}
-    assert meta["export"]["distill"]["rounds"] == 2 and "recovery" not in meta["export"]  # pruned first
+    distilled = meta["export"]["distill"]
+    assert (distilled["epochs"], distilled["site_epochs"], distilled["rounds"]) == (3, 2, 2)
+    assert "recovery" not in meta["export"]  # pruned first
     assert meta["export"]["prune"]["parameters_after"] < meta["export"]["prune"]["parameters_before"]
     assert meta["parity"]["data"] == "sites"
     rows = [json.loads(line) for line in result.bundle.with_name("bundle.rounds.jsonl").read_text().splitlines()]
     jobs = [r["job"] for r in rows]
     assert jobs == ["teacher", "importance", "distill", "distill", "verify"]
+    train_cases = sum(len(p.train) for p in parts.values())
+    assert [r["samples_trained"] for r in rows if r["job"] == "distill"] == [2 * train_cases, train_cases]
     for row in rows:
         if row["job"] in ("distill", "recover"):
             assert sorted(row["sites"]) == list(SITES) and all(b > 0 for b in row["bytes_received"].values())
@@ -168,7 +176,7 @@ def test_what_a_site_sends_in_each_export_job(teacher_run, sites_only, tmp_path)
     assert (tmp_path / "cache").stat().st_mode & 0o077 == 0  # the teacher is kept owner-only
     arrays = get_arrays(student, [n for n, _ in student.named_parameters()])
     update = ask(site_tasks.distill_site, arrays=to_record(arrays))
-    assert {k.split("::")[0] for k in update.content["arrays"].keys()} == set(arrays)  # parameters, nothing else
+    assert sent_tensor_names(update.content["arrays"]) == set(arrays)  # parameters, nothing else
     importance = ask(site_tasks.importance_site, arrays=to_record(arrays))
     sizes = {k: v.numpy().shape for k, v in importance.content["stats"].items()}
     assert all(k.startswith(("heads/", "channels/")) for k in sizes)  # one value per head or channel

@@ -11,6 +11,10 @@ from fedlite.federated.compress import (
     encode_update,
     encoded_nbytes,
     is_encoded,
+    is_packed,
+    pack_encoded,
+    unpack_encoded,
+    warmed_topk,
 )
 
 
@@ -155,6 +159,83 @@ def test_encoded_update_survives_flower_array_record():
     received = {k: a.numpy() for k, a in record.items()}
     for name, tensor in decode_update(received, _shapes(delta)).items():
         np.testing.assert_array_equal(tensor, decode_update(encoded)[name])
+
+
+def test_warm_up_falls_geometrically_to_the_fraction():
+    assert [round(warmed_topk(0.01, 3, r), 4) for r in (1, 2, 3, 4, 9)] == [0.3162, 0.1, 0.0316, 0.01, 0.01]
+    assert warmed_topk(0.1, 0, 1) == 0.1
+
+
+def _model_update(seed=8):
+    rng = np.random.default_rng(seed)
+    return {"enc.layer.0.weight": rng.standard_normal((16, 12)).astype(np.float32),
+            "enc.layer.0.bias": rng.standard_normal(16).astype(np.float32),
+            "head.scale": np.float32(rng.standard_normal()) * np.ones((), np.float32),
+            "empty": np.zeros((0, 3), np.float32)}
+
+
+def test_packed_update_is_six_arrays_that_unpack_to_the_same_components_through_flower():
+    flwr_app = pytest.importorskip("flwr.app")
+    delta = _model_update()
+    encoded, _ = encode_update(delta, None, topk_fraction=0.1)
+    packed = pack_encoded(encoded)
+    assert len(packed) == 6 and is_packed(packed) and not is_packed(encoded) and not is_packed(delta)
+    record = flwr_app.ArrayRecord({k: flwr_app.Array(v) for k, v in packed.items()})
+    unpacked = unpack_encoded({k: a.numpy() for k, a in record.items()})
+    assert unpacked.keys() == encoded.keys()
+    for key, value in encoded.items():
+        assert unpacked[key].dtype == value.dtype
+        np.testing.assert_array_equal(unpacked[key], value)
+    for name, tensor in decode_update(unpacked, _shapes(delta)).items():
+        np.testing.assert_array_equal(tensor, decode_update(encoded)[name])
+    # what packing costs in payload: the names, one rank per tensor and two counts per tensor
+    names = sum(len(n.encode()) for n in delta) + len(delta) - 1
+    assert encoded_nbytes(packed) == encoded_nbytes(encoded) + names + 8 * len(delta) + 16 * len(delta)
+    assert pack_encoded({}) and unpack_encoded(pack_encoded({})) == {}
+
+
+def _packed():
+    return pack_encoded(encode_update(_model_update(), None, topk_fraction=0.1)[0])
+
+
+def _repack(key, value):
+    def mutate(packed):
+        packed[key] = value(packed[key]) if callable(value) else value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.pop("codec::scale"), "holds exactly"),
+    (lambda p: p.update({"codec::extra": np.zeros(1, np.int8)}), "holds exactly"),
+    (_repack("codec::idx", lambda a: a.astype(np.int64)), "flat int32"),
+    (_repack("codec::val", lambda a: a.reshape(1, -1)), "flat int8"),
+    (_repack("codec::names", np.frombuffer(b"\xff\xfe", np.uint8).copy()), "not UTF-8"),
+    (_repack("codec::names", lambda a: np.frombuffer(b"a\na\nb\nc", np.uint8).copy()), "empty or repeated"),
+    (_repack("codec::scale", lambda a: a[:-1]), "scales"),
+    (_repack("codec::counts", lambda a: a + 1), "does not add up"),
+    (_repack("codec::counts", lambda a: np.where(np.arange(a.size) == 0, -a[1], a)), "does not add up"),
+    (_repack("codec::shapes", lambda a: a[:-1]), "truncated"),
+    (_repack("codec::shapes", lambda a: np.concatenate([[99], a[1:]])), "out of range"),
+    (_repack("codec::shapes", lambda a: np.concatenate([a, [0]])), "beyond"),
+])
+def test_malformed_packing_is_rejected(mutate, message):
+    packed = _packed()
+    mutate(packed)
+    with pytest.raises(InputError, match=message):
+        unpack_encoded(packed)
+
+
+def test_a_consistent_packing_of_a_bad_tensor_still_fails_its_decode():
+    packed = _packed()
+    packed["codec::idx"] = packed["codec::idx"][::-1].copy()  # same counts, indices out of order
+    with pytest.raises(InputError, match="not sorted"):
+        decode_update(unpack_encoded(packed), _shapes(_model_update()))
+
+
+def test_names_that_cannot_be_packed_are_refused():
+    encoded, _ = encode_update({"a\nb": np.ones(3, np.float32)}, None)
+    with pytest.raises(InputError, match="newline"):
+        pack_encoded(encoded)
 
 
 # --- malformed input from a remote site --------------------------------------------------------

@@ -8,6 +8,7 @@ import stat
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from wire import sent_arrays
 
 from fedlite.agents.edge_client import edge_evaluate, edge_train
 from fedlite.agents.embedding_cache import site_embeddings
@@ -74,7 +75,7 @@ def test_a_site_sends_only_a_compressed_head_update_and_aggregates(teacher_bundl
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # aggregates only, no per-case values
     parts = site_parts(split / "site-01")
     assert metrics["num-examples"] == len(parts.train)  # the validation part never trains
-    arrays = from_record(reply.content["arrays"])
+    arrays = sent_arrays(reply.content["arrays"])
     assert is_encoded(arrays)
     weights = read_head_weights(teacher_bundle)
     delta = decode_update(arrays, {n: v.shape for n, v in weights.items()})

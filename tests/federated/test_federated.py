@@ -9,10 +9,11 @@ import time
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from wire import sent_arrays
 
 from fedlite.data.holdout import site_parts
 from fedlite.federated.aggregate import SiteUpdate, aggregation_weights, screen_updates, weighted_delta
-from fedlite.federated.compress import is_encoded
+from fedlite.federated.compress import is_encoded, is_packed
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.engine import sites_busy_seconds
 from fedlite.federated.params import frozen_fingerprint, get_arrays, trainable_names
@@ -106,7 +107,10 @@ def test_a_site_sends_only_parameters_and_aggregate_metrics(synth_split, compres
         msg, trainable = _train_message(model, cfg, server_round)
         reply = train_site(msg, context)
         assert set(reply.content.keys()) == {"arrays", "metrics", "info"}
-        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+        assert is_packed(reply.content["arrays"]) == compress
+        if compress:  # six arrays on the wire, whatever the number of tensors
+            assert len(reply.content["arrays"]) == 6
+        arrays = sent_arrays(reply.content["arrays"])
         names = {k.split("::")[0] for k in arrays}
         assert names == set(trainable)  # parameters only, and only the trainable ones
         assert is_encoded(arrays) == compress
