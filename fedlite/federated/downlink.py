@@ -54,7 +54,7 @@ def values_digest(arrays: dict[str, np.ndarray]) -> str:
 @dataclass
 class _Change:
     version: int
-    encoded: dict[str, np.ndarray]
+    packed: dict[str, np.ndarray]  # the change as it travels (``pack_encoded``), packed once for every site
     seeded: list[str]  # tensors that joined with this version, seeded from each site's own model
     seed_digest: str  # values_digest of the coordinator's values of them
     dropped: list[str]  # tensors that stopped travelling
@@ -88,7 +88,7 @@ class DownlinkStream:
         for name, step in decode_update(encoded).items():
             self.reference[name] += step
         self.version += 1
-        self.changes.append(_Change(self.version, encoded, seeded,
+        self.changes.append(_Change(self.version, pack_encoded(encoded), seeded,
                                     values_digest({n: target[n] for n in seeded}) if seeded else "", dropped))
         while len(self.changes) > self.kept_versions:
             self.changes.popleft()
@@ -100,8 +100,7 @@ class DownlinkStream:
         if held is None or held < oldest - 1 or held > self.version:
             return dict(self.reference), {VERSION: self.version, BASE: FULL}
         chain = [c for c in self.changes if c.version > held]
-        arrays = {f"{c.version}{STEP_SEPARATOR}{key}": value for c in chain
-                  for key, value in pack_encoded(c.encoded).items()}
+        arrays = {f"{c.version}{STEP_SEPARATOR}{key}": value for c in chain for key, value in c.packed.items()}
         steps = {str(c.version): {"seeded": c.seeded, "seed-digest": c.seed_digest, "dropped": c.dropped}
                  for c in chain}
         return arrays, {VERSION: self.version, BASE: held, SEEDS: json.dumps(steps)}
