@@ -1,6 +1,11 @@
 """Side-by-side comparison of finished training runs (federated or centralized): the held-out
 metrics, what travelled over the network and how long it took, as a table and a plot, so choosing
-between FedAvg, FedProx, DP or compressed updates is a matter of reading one page."""
+between FedAvg, FedProx, DP or compressed updates is a matter of reading one page.
+
+Runs are compared on one held-out set where they have one: a federated run that scored a pooled
+test set at the coordinator (``--server-test``, a simulation's default) is shown on it, as a
+centralized run is on its ``--eval-data``; otherwise on the sites' validation parts. The column
+"scored on" says which, so figures from different sets are never read as comparable."""
 
 from __future__ import annotations
 
@@ -24,10 +29,12 @@ class RunSummary:
     best: dict
     best_step: int
     minutes: float  # federated: round wall time; centralized: training time (evaluation excluded)
+    scored_on: str = ""  # the held-out set behind ``last``, ``best`` and ``curve``, with its cases
     curve: list[tuple[int, dict]] = field(default_factory=list)
     bytes_sent: int | None = None
     bytes_received: int | None = None
-    dense_bytes: int | None = None
+    dense_bytes: int | None = None  # the sites' updates as dense float32
+    dense_sent: int | None = None  # the messages to the sites with their parameters as dense float32
     epsilon: float | None = None
     settings: str = ""
     link_minutes: dict[str, float] = field(default_factory=dict)  # Mbit/s → the rounds' minutes on that link
@@ -73,18 +80,39 @@ def _federated(run: Path, summary: dict, rounds: list[dict], link_mbps: tuple[fl
     flags = [f"fedprox μ={mu:g}" if mu > 0 else "fedavg"]
     if config.get("compress"):
         flags.append(f"top-k {config.get('topk_fraction')} + int8")
+    if config.get("compress_downlink"):
+        flags.append("changes down")
     if config.get("dp"):
         flags.append(f"DP σ={config.get('noise_multiplier')} C={config.get('max_grad_norm')}")
     flags.append(f"{config.get('freeze_rounds')} frozen, E={config.get('local_epochs')}, "
                  f"B={config.get('batch_size')}, {config.get('optimizer')} {config.get('lr')}")
+    best_round = int(summary.get("best_round", 0))
+    tested = [r for r in rounds if r.get("server_test")]
+    if tested and tested[-1]["round"] == rounds[-1]["round"]:
+        # the pooled test set, at the round the sites chose as best on their own validation parts
+        last, curve = tested[-1]["server_test"], [(r["round"], r["server_test"]) for r in tested]
+        scored_on = f"{Path(str(config.get('server_test', 'test'))).name} ({last.get('cases', '?')})"
+        best = next((r["server_test"] for r in tested if r["round"] == best_round), {})
+    else:
+        cases = summary.get("eval_cases") or {}
+        scored_on = f"sites' validation ({sum(cases.values())})" if cases else "sites' validation"
+        last, best = summary.get("last", {}), summary.get("best", {})
+        curve = [(r["round"], r["eval"]) for r in rounds if r.get("eval")]
     return RunSummary(
-        name=run.name, mode="federated", steps=len(rounds), last=summary.get("last", {}),
-        best=summary.get("best", {}), best_step=int(summary.get("best_round", 0)),
-        minutes=sum(r["round_seconds"] for r in rounds) / 60,
-        curve=[(r["round"], r["eval"]) for r in rounds if r.get("eval")],
+        name=run.name, mode="federated", steps=len(rounds), last=last, best=best, best_step=best_round,
+        minutes=sum(r["round_seconds"] for r in rounds) / 60, scored_on=scored_on, curve=curve,
         bytes_sent=int(summary.get("bytes_sent", 0)), bytes_received=int(summary.get("bytes_received", 0)),
-        dense_bytes=int(dense), epsilon=summary.get("epsilon"), settings=", ".join(flags),
-        link_minutes=_link_minutes(rounds, link_mbps))
+        dense_bytes=int(dense), dense_sent=int(sum(_dense_sent(r) for r in rounds)), epsilon=summary.get("epsilon"),
+        settings=", ".join(flags), link_minutes=_link_minutes(rounds, link_mbps))
+
+
+def _dense_sent(row: dict) -> float:
+    """Bytes a round's messages to the sites (training and evaluation) would take with the
+    parameters sent whole as float32, as a dense downlink sends them."""
+    training = row["bytes_sent"] * (row.get("downlink_compression_ratio") or 1.0)
+    evaluation = row.get("federated_eval") or {}
+    asked = len(evaluation.get("cases", {})) + len(evaluation.get("failed", []))
+    return training + (row["dense_update_bytes"] * asked if evaluation.get("bytes_sent") else 0)
 
 
 def _link_minutes(rounds: list[dict], link_mbps: tuple[float, ...]) -> dict[str, float]:
@@ -99,10 +127,13 @@ def _link_minutes(rounds: list[dict], link_mbps: tuple[float, ...]) -> dict[str,
 
 def _centralized(run: Path, summary: dict, history: list[dict], link_mbps: tuple[float, ...]) -> RunSummary:
     training = run_record(summary, run / "summary.json").settings
+    last = summary.get("last", {})
+    eval_data = training.get("eval_data")
+    scored_on = f"{Path(str(eval_data)).name if eval_data else 'held-out set'} ({last.get('cases', '?')})"
     return RunSummary(
-        name=run.name, mode="centralized", steps=len(history), last=summary.get("last", {}),
+        name=run.name, mode="centralized", steps=len(history), last=last,
         best=summary.get("best", {}), best_step=int(summary.get("best_epoch", 0)),
-        minutes=sum(h.get("train_seconds", 0.0) for h in history) / 60,
+        minutes=sum(h.get("train_seconds", 0.0) for h in history) / 60, scored_on=scored_on,
         curve=[(h["epoch"], h["eval"]) for h in history if h.get("eval")],
         settings=f"{summary.get('modality', 'both')} modality, B={training.get('batch_size')}, "
                  f"{training.get('optimizer')} {training.get('lr')}")
@@ -113,22 +144,26 @@ def _megabytes(value: int | None) -> str:
 
 
 def markdown_table(runs: list[RunSummary]) -> str:
-    """One row per run: last-step held-out metrics, the best stage macro-F1, bytes and time (also
-    on each modelled hospital link)."""
+    """One row per run: last-step held-out metrics and the set they come from, the stage macro-F1
+    of the best round/epoch, bytes and how many times fewer than dense float32 (the updates alone,
+    and both directions), and time (also on each modelled hospital link)."""
     rates = sorted({key for r in runs for key in r.link_minutes}, key=float)
-    head = ("| run | mode | settings | rounds/epochs | accuracy | AUC | stage macro-F1 | best F1 (at) "
-            "| MB to sites | MB from sites | compression | worst ε | minutes |"
+    head = ("| run | mode | settings | rounds/epochs | scored on | accuracy | AUC | stage macro-F1 | best F1 (at) "
+            "| MB to sites | MB from sites | updates, fewer bytes | both ways, fewer bytes | worst ε | minutes |"
             + "".join(f" minutes at {key} Mbit/s |" for key in rates))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         last = r.last or {}
         ratio = (f"{r.dense_bytes / r.bytes_received:.1f}×" if r.bytes_received and r.dense_bytes else "–")
-        cells = [r.name, r.mode, r.settings, str(r.steps),
+        moved = (r.bytes_sent or 0) + (r.bytes_received or 0)
+        both = (f"{(r.dense_bytes + r.dense_sent) / moved:.1f}×"
+                if moved and r.dense_bytes and r.dense_sent is not None else "–")
+        cells = [r.name, r.mode, r.settings, str(r.steps), r.scored_on or "–",
                  f"{last['accuracy'] * 100:.1f} %" if "accuracy" in last else "–",
                  f"{last['auc']:.3f}" if "auc" in last else "–",
                  f"{last['stage_macro_f1']:.3f}" if "stage_macro_f1" in last else "–",
                  f"{r.best.get('stage_macro_f1', float('nan')):.3f} ({r.best_step})" if r.best else "–",
-                 _megabytes(r.bytes_sent), _megabytes(r.bytes_received), ratio,
+                 _megabytes(r.bytes_sent), _megabytes(r.bytes_received), ratio, both,
                  f"{r.epsilon:.2f}" if r.epsilon is not None else "–", f"{r.minutes:.1f}",
                  *(f"{r.link_minutes[key]:.1f}" if key in r.link_minutes else "–" for key in rates)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -19,7 +19,7 @@ def _federated_run(path, compress, recorded_as="run record"):
     """``recorded_as`` "config": the settings as runs wrote them before the run record (kebab-case)."""
     path.mkdir()
     rounds = [{"round": r, "eval": _metrics(0.5 + r / 10, 0.6, 0.1 * r), "round_seconds": 30.0,
-               "dense_update_bytes": 1000, "bytes_received": {"site-01": 100 if compress else 1000,
+               "dense_update_bytes": 1000, "bytes_sent": 2000, "bytes_received": {"site-01": 100 if compress else 1000,
                                                               "site-02": 100 if compress else 1000}}
               for r in (1, 2)]
     (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
@@ -59,6 +59,33 @@ def test_runs_are_tabulated_with_metrics_bytes_and_compression(tmp_path):
     assert "fedprox μ=0.01" in rows[2]
     assert "| 0.600 (2) |" in rows[4] and "| – |" in rows[4]  # best F1 at epoch 2; no bytes for centralized
     assert "B=16, adamw 0.0003" in rows[4]
+    assert "| sites' validation |" in rows[2] and "| held-out set (?) |" in rows[4]
+
+
+def test_a_federated_run_is_scored_on_its_test_set_with_bytes_counted_both_ways(tmp_path):
+    """Federated runs that scored the pooled test set are shown on it, as centralized runs are,
+    at the round the sites chose; the downlink's changes count against the dense model sent."""
+    path = _federated_run(tmp_path / "both", compress=True)
+    rows = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+    for row, accuracy in zip(rows, (0.6, 0.65)):
+        # 2 sites, 1000 dense bytes each: training changes of 50 bytes, evaluation changes of 50
+        row.update(bytes_sent=100, downlink_compression_ratio=20.0,
+                   federated_eval={"cases": {"site-01": 5, "site-02": 5}, "failed": [], "bytes_sent": 100},
+                   server_test={**_metrics(accuracy, 0.7, 0.2 * row["round"]), "cases": 40})
+    (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((path / "summary.json").read_text())
+    summary.update(best_round=1, bytes_sent=400, training=RunRecord(
+        "federated", AT_SITES, 2, {"compress": True, "compress_downlink": True, "topk_fraction": 0.01,
+                                   "server_test": "DATA/split/test"}).to_dict())
+    (path / "summary.json").write_text(json.dumps(summary))
+    run = load_run(path)
+    assert run.last["accuracy"] == 0.65 and run.best["stage_macro_f1"] == 0.2 and run.best_step == 1
+    assert [m["accuracy"] for _, m in run.curve] == [0.6, 0.65]
+    assert run.dense_sent == 2 * (2000 + 2000)  # two rounds of training and evaluation messages
+    row = markdown_table([run]).splitlines()[2]
+    assert "| test (40) |" in row and "| 65.0 % |" in row and "| 0.200 (1) |" in row
+    assert "| 10.0× |" in row and "| 15.0× |" in row  # updates: 4000/400; both: (4000 + 8000)/(400 + 400)
+    assert "changes down" in row
 
 
 def test_compare_writes_a_table_and_a_plot(tmp_path):
