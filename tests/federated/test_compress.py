@@ -63,8 +63,31 @@ def test_sent_count_is_ceil_of_fraction_times_size_and_at_least_one(size, fracti
 
 def test_tensor_is_sent_dense_when_that_is_no_larger_than_its_top_k():
     tensor = np.random.default_rng(2).standard_normal(1000).astype(np.float32)
-    encoded, _ = encode_update({"w": tensor}, None, topk_fraction=0.3)
+    encoded, _ = encode_update({"w": tensor}, None, topk_fraction=0.34)  # 3 bytes × 340 ≥ 1000
     assert encoded["w::idx"].size == 0 and encoded["w::val"].size == 1000
+    encoded, _ = encode_update({"w": tensor}, None, topk_fraction=0.33)
+    assert encoded["w::idx"].size == 330
+
+
+def test_indices_far_apart_are_bridged_by_fillers_that_change_nothing():
+    """The wire carries each index as its uint16 distance from the one before; entries more than
+    65535 apart get zero-valued fillers between them, and the update and residual stay exact."""
+    size = 300_000
+    tensor = np.zeros(size, np.float32)
+    tensor[[5, 70_000, 299_999]] = [1.0, -2.0, 3.0]  # gaps of 6, 69995 and 229999 → 0 + 1 + 3 fillers
+    residual_in = {"w": np.full(size, 1e-6, np.float32)}
+    encoded, residual = encode_update({"w": tensor}, residual_in, topk_fraction=3 / size)
+    idx, val = encoded["w::idx"], encoded["w::val"]
+    assert idx.size == 7 and np.all(np.diff(idx.astype(np.int64), prepend=-1) <= 65535)
+    assert np.count_nonzero(val) == 3 and set(idx[val != 0].tolist()) == {5, 70_000, 299_999}
+    packed = pack_encoded(encoded)
+    assert packed["codec::idx"].dtype == np.uint16 and packed["codec::idx"].size == 7
+    decoded = decode_update(unpack_encoded(packed), {"w": (size,)})["w"]
+    np.testing.assert_array_equal(decoded, decode_update(encoded)["w"])
+    np.testing.assert_allclose(decoded + residual["w"], tensor + residual_in["w"], atol=1e-7)
+    assert np.count_nonzero(residual["w"] != residual_in["w"]) == 3  # fillers took nothing away
+    with pytest.raises(InputError, match="rise by 1 to 65535"):
+        pack_encoded({**encoded, "w::idx": np.array([0, 1, 2, 3, 4, 5, 70_000], np.int32)})
 
 
 def test_error_feedback_delivers_the_sum_of_true_updates_up_to_the_final_residual():
@@ -135,9 +158,11 @@ def test_compression_ratio_matches_the_byte_count():
     delta = {"w": tensor}
     assert dense_nbytes(delta) == 4 * tensor.size
     sparse, _ = encode_update(delta, None, topk_fraction=0.1)
-    # 4 index + 1 value bytes per sent entry, plus a 4-byte scale and an 8-byte-per-dimension shape
+    # unpacked: 4 index + 1 value bytes per sent entry, plus a 4-byte scale and an 8-byte-per-dimension
+    # shape; on the wire 2 distance + 1 value bytes, plus the name, rank and counts
     assert encoded_nbytes(sparse) == 5 * 10_000 + 4 + 16
-    assert 5 < compression_ratio(delta, sparse) == pytest.approx(4 / (0.1 * 5), rel=1e-3)
+    assert encoded_nbytes(pack_encoded(sparse)) == 3 * 10_000 + 4 + 24 + 16 + 1
+    assert 13 < compression_ratio(delta, sparse) == pytest.approx(4 / (0.1 * 3), rel=1e-2)
     dense, _ = encode_update(delta, None, topk_fraction=1.0)
     assert compression_ratio(delta, dense) == pytest.approx(4, rel=1e-3)
 
@@ -188,9 +213,12 @@ def test_packed_update_is_six_arrays_that_unpack_to_the_same_components_through_
         np.testing.assert_array_equal(unpacked[key], value)
     for name, tensor in decode_update(unpacked, _shapes(delta)).items():
         np.testing.assert_array_equal(tensor, decode_update(encoded)[name])
-    # what packing costs in payload: the names, one rank per tensor and two counts per tensor
+    # what packing costs in payload: the names, one rank per tensor and two counts per tensor; and
+    # what it saves: each int32 index travels as a uint16 distance
     names = sum(len(n.encode()) for n in delta) + len(delta) - 1
-    assert encoded_nbytes(packed) == encoded_nbytes(encoded) + names + 8 * len(delta) + 16 * len(delta)
+    indices = sum(encoded[f"{n}::idx"].size for n in delta)
+    assert encoded_nbytes(packed) == (encoded_nbytes(encoded) + names + 8 * len(delta) + 16 * len(delta)
+                                      - 2 * indices)
     assert pack_encoded({}) and unpack_encoded(pack_encoded({})) == {}
 
 
@@ -207,7 +235,7 @@ def _repack(key, value):
 @pytest.mark.parametrize("mutate, message", [
     (lambda p: p.pop("codec::scale"), "holds exactly"),
     (lambda p: p.update({"codec::extra": np.zeros(1, np.int8)}), "holds exactly"),
-    (_repack("codec::idx", lambda a: a.astype(np.int64)), "flat int32"),
+    (_repack("codec::idx", lambda a: a.astype(np.int32)), "flat uint16"),
     (_repack("codec::val", lambda a: a.reshape(1, -1)), "flat int8"),
     (_repack("codec::names", np.frombuffer(b"\xff\xfe", np.uint8).copy()), "not UTF-8"),
     (_repack("codec::names", lambda a: np.frombuffer(b"a\na\nb\nc", np.uint8).copy()), "empty or repeated"),
@@ -225,11 +253,24 @@ def test_malformed_packing_is_rejected(mutate, message):
         unpack_encoded(packed)
 
 
-def test_a_consistent_packing_of_a_bad_tensor_still_fails_its_decode():
+@pytest.mark.parametrize("distances, message", [
+    (lambda a: np.where(np.arange(a.size) == 1, 0, a), "duplicate index"),  # a distance of 0
+    (lambda a: np.where(np.arange(a.size) == 0, 0, a), "index -1 out of range"),
+    (lambda a: np.full_like(a, 65535), "out of range for"),  # past the tensor's end
+])
+def test_a_consistent_packing_of_a_bad_tensor_still_fails_its_decode(distances, message):
     packed = _packed()
-    packed["codec::idx"] = packed["codec::idx"][::-1].copy()  # same counts, indices out of order
-    with pytest.raises(InputError, match="not sorted"):
+    packed["codec::idx"] = distances(packed["codec::idx"]).astype(np.uint16)  # same counts
+    with pytest.raises(InputError, match=message):
         decode_update(unpack_encoded(packed), _shapes(_model_update()))
+
+
+def test_distances_adding_up_past_any_tensor_are_refused_before_decoding():
+    packed = pack_encoded({"w::idx": np.arange(40_000, dtype=np.int32), "w::val": np.ones(40_000, np.int8),
+                           "w::scale": np.ones(1, np.float32), "w::shape": np.array([2**31 - 1], np.int64)})
+    packed["codec::idx"] = np.full(40_000, 65535, np.uint16)  # reaches 2.6e9
+    with pytest.raises(InputError, match="beyond the 2147483647 entries"):
+        unpack_encoded(packed)
 
 
 def test_names_that_cannot_be_packed_are_refused():
