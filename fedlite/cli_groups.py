@@ -71,4 +71,5 @@ class BenchGroup(DefaultCommandGroup):
         "poisoning": ("fedlite.bench.poisoning", "One poisoning site under FedAvg, median and trimmed mean."),
         "embedding-parity": ("fedlite.bench.embedding_parity", "Embeddings and calls of two bundles on one dataset."),
         "int8-saturation": ("fedlite.bench.int8_saturation", "How far INT8 moves from FP32 on this CPU, per preset."),
+        "link-bytes": ("fedlite.bench.link_bytes", "Bytes and minutes per round on hospital links, per architecture."),
     }

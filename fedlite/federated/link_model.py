@@ -35,6 +35,11 @@ def rate_key(mbps: float) -> str:
     return f"{mbps:g}"
 
 
+def transfer_seconds(nbytes: int, mbps: float) -> float:
+    """Seconds ``nbytes`` take at ``mbps`` Mbit/s."""
+    return nbytes * 8 / (mbps * 1e6)
+
+
 def site_transfer_bytes(row: dict) -> dict[str, int]:
     """Bytes each site moved in this round, both directions: the round's parameters down, its
     update up, and the federated evaluation's request down (shared evenly by the sites asked)."""
@@ -55,5 +60,5 @@ def link_record(row: dict, rates: tuple[float, ...]) -> dict:
         return {}
     slowest = max(site_transfer_bytes(row).values(), default=int(row["bytes_sent_per_site"]))
     compute = max(0.0, float(row["round_seconds"]) - float(row["communication_seconds"]))
-    seconds = {rate_key(r): slowest * 8 / (r * 1e6) for r in rates}
+    seconds = {rate_key(r): transfer_seconds(slowest, r) for r in rates}
     return {"link_seconds": seconds, "round_seconds_on_link": {k: compute + s for k, s in seconds.items()}}
