@@ -17,7 +17,10 @@ than sent.
 
 Evaluation messages take the same path, so sites score the copy they hold. Sites train from θ̂,
 which trails θ by what is still to be sent: stable while a round's update is small beside what
-top-k sends per round, as for any error feedback on the model.
+top-k sends per round, as for any error feedback on the model. θ̂ is also the run's model of record
+(checkpoints, the server test): θ applies updates computed on older copies, so it runs ahead of
+what was validated, and late in a run it can overshoot (bench/results/converged-tiny-cpu). A
+resumed run starts from θ̂; what θ held beyond it is dropped.
 
 numpy only on the site's side, like the codec.
 """

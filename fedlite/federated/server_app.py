@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,7 @@ from fedlite.errors import InputError
 from fedlite.federated.config import FederatedConfig
 from fedlite.federated.downlink import DownlinkStream
 from fedlite.federated.engine import UpdateJob, downlink_messages, run_rounds, summed_bytes
-from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, trainable_names
+from fedlite.federated.params import add_to_params, frozen_fingerprint, get_arrays, set_arrays, trainable_names
 from fedlite.federated.preflight import check_sites_data
 from fedlite.federated.records import to_record
 from fedlite.federated.rounds import QUERY_TIMEOUT, federated_evaluate
@@ -91,6 +92,22 @@ class TrainingJob(UpdateJob):
     def apply(self, delta: dict[str, np.ndarray]) -> None:
         add_to_params(self.model, delta)
 
+    @contextmanager
+    def model_of_record(self):
+        """The model this run produces, loaded in ``self.model`` while the block runs: the global
+        model θ, or with a downlink stream the copy θ̂ the sites hold — what they trained from and
+        what their scores describe. θ runs ahead of θ̂ by changes not yet sent, computed from older
+        copies, so it is neither validated nor, late in a run, better."""
+        if self.downlink is None or not self.downlink.reference:
+            yield
+            return
+        ahead = get_arrays(self.model, list(self.downlink.reference))
+        set_arrays(self.model, self.downlink.reference)
+        try:
+            yield
+        finally:
+            set_arrays(self.model, ahead)
+
     def evaluate(self, server_round: int, row: dict, nodes: list[int]) -> None:
         cfg = self.cfg
         row.update({"frozen_encoders": cfg.encoders_frozen(server_round), "lr": cfg.lr_for_round(server_round)})
@@ -108,7 +125,8 @@ class TrainingJob(UpdateJob):
             metrics = evaluation.metrics
             row["federated_eval"] = evaluation.to_record()
             if self.test_loader is not None:
-                row["server_test"] = evaluate_model(self.model, self.test_loader, self.device)
+                with self.model_of_record():
+                    row["server_test"] = evaluate_model(self.model, self.test_loader, self.device)
         row["eval"] = metrics
 
     def _evaluation_messages(self, server_round: int, nodes: list[int]) -> tuple[RecordDict | dict, int | None]:
@@ -127,10 +145,11 @@ class TrainingJob(UpdateJob):
         meta = self.record.at(server_round).to_dict()
         kept = {**metrics, **({"server_test": server_test} if server_test else {})}
         score = metrics.get("stage_macro_f1")
-        if score is not None and score > state["best_score"]:
-            state.update(best_round=server_round, best_score=score)
-            save_checkpoint(out / "best", self.model, self.tokenizer, metrics=kept, training=meta, **names)
-        save_checkpoint(out / "last", self.model, self.tokenizer, metrics=kept, training=meta, **names)
+        with self.model_of_record():
+            if score is not None and score > state["best_score"]:
+                state.update(best_round=server_round, best_score=score)
+                save_checkpoint(out / "best", self.model, self.tokenizer, metrics=kept, training=meta, **names)
+            save_checkpoint(out / "last", self.model, self.tokenizer, metrics=kept, training=meta, **names)
         state["round"] = server_round
         atomic_write_text(out / STATE, json.dumps(state) + "\n")
 

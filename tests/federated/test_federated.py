@@ -293,3 +293,33 @@ def test_a_late_site_does_not_stall_the_round_and_is_folded_in_later():
     outstanding["m3b"] = Outstanding(2, 3, SHAPES)  # never answers
     collect(grid, outstanding, server_round=5, current=set(), timeout=0.1, max_staleness=2)
     assert "m3b" not in outstanding  # too stale to use: dropped, and reported
+
+
+def test_with_changes_sent_down_the_checkpoints_hold_the_sites_copy_not_the_model_ahead_of_it(tmp_path):
+    """The sites train from and score θ̂; θ runs ahead by changes not yet sent. Checkpoints (and the
+    server test) take θ̂, and training goes on from θ."""
+    from fedlite.checkpoint import load_checkpoint
+    from fedlite.federated.server_app import TrainingJob
+    from fedlite.federated.task import run_tokenizer
+
+    cfg = _cfg(tmp_path / "unused", tmp_path / "run", compress=True, compress_downlink=True, topk_fraction=0.05)
+    model = build_initial_model(cfg, len(cfg.stages))
+    state = {"round": 0, "best_round": 0, "best_score": -1.0}
+    job = TrainingJob(None, cfg, model, run_tokenizer(cfg), state, "cpu")
+    names = trainable_names(model, cfg.encoders_frozen(1))
+    job.downlink.advance(job.parameters(1))  # round 1: the sites get θ whole
+    rng = np.random.default_rng(0)
+    job.apply({n: rng.normal(0, 0.1, v.shape).astype(np.float32) for n, v in job.parameters(1).items()})
+    job.downlink.advance(job.parameters(1))  # round 2: 5 % of the change goes down
+    ahead, held = job.parameters(1), {n: job.downlink.reference[n].copy() for n in names}
+    assert max(np.abs(ahead[n] - held[n]).max() for n in names) > 0.05
+    (tmp_path / "run").mkdir()
+    job.save(2, {"eval": {"stage_macro_f1": 0.5}})
+    for kept in ("best", "last"):
+        saved = get_arrays(load_checkpoint(tmp_path / "run" / kept).model, names)
+        for n in names:
+            np.testing.assert_array_equal(saved[n], held[n])
+    after = job.parameters(1)
+    for n in names:  # θ is back for the next round
+        np.testing.assert_array_equal(after[n], ahead[n])
+    assert state["best_round"] == 2
