@@ -74,6 +74,25 @@ def data_split(data_dir: Path, clients: int, alpha: float, test_fraction: float,
     click.echo(f"\nwrote {summary.out_dir}")
 
 
+@data.command("pool")
+@click.argument("split_dir", metavar="SPLIT", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing OUT.")
+def data_pool(split_dir: Path, out: Path, force: bool) -> None:
+    """OUT/train and OUT/val: the sites' training and validation parts of SPLIT pooled, the cases a
+    federated run trains and validates on, so a centralized baseline
+    (`fedlite train --centralized --data OUT/train --eval-data SPLIT/test`) sees the same ones.
+    A simulation's convenience: in a deployment no one holds these."""
+    from fedlite.atomic import staged_dir
+    from fedlite.data.holdout import VAL_DIR, pooled_site_parts
+    from fedlite.data.split import load_split
+
+    sites = load_split(split_dir).sites
+    with staged_dir(out, force, "pooled dataset") as staging:  # an interrupted pool replaces nothing
+        pooled_site_parts(split_dir, sites, staging)
+    click.echo(f"wrote {out / 'train'} and {out / VAL_DIR} from {len(sites)} sites")
+
+
 @data.command("corrupt")
 @click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))

@@ -45,3 +45,27 @@ def test_pooled_site_parts_are_the_sites_training_and_validation_parts(synth_spl
     assert _ids(read_dataset(val)) == set().union(*(_ids(p.val) for p in parts))
     assert _ids(read_dataset(train)) == set().union(*(_ids(p.train) for p in parts))
     assert _ids(read_dataset(train)).isdisjoint(_ids(read_dataset(val)))
+
+
+def test_data_pool_writes_the_pooled_parts_from_a_relative_path_and_keeps_an_existing_one(synth_split, tmp_path,
+                                                                                        monkeypatch):
+    from click.testing import CliRunner
+
+    from fedlite.cli import main
+
+    monkeypatch.chdir(synth_split.out_dir.parent)
+    split = synth_split.out_dir.name
+    out = tmp_path / "pooled"
+    result = CliRunner().invoke(main, ["data", "pool", split, str(out)])
+    assert result.exit_code == 0, result.output
+    train = read_dataset(out / "train")
+    assert len(train) == sum(len(site_parts(synth_split.out_dir / s).train) for s in synth_split.sites)
+    monkeypatch.chdir(tmp_path)  # the pooled cases name their images wherever they are read from
+    assert all(train.image_path(case).is_file() for case in train.cases)
+    before = (out / "train" / "manifest.jsonl").read_bytes()
+    refused = CliRunner().invoke(main, ["data", "pool", str(synth_split.out_dir), str(out)])
+    assert refused.exit_code != 0 and "already exists" in refused.output
+    assert (out / "train" / "manifest.jsonl").read_bytes() == before
+    forced = CliRunner().invoke(main, ["data", "pool", str(synth_split.out_dir), str(out), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert (out / "train" / "manifest.jsonl").read_bytes() == before
