@@ -95,11 +95,12 @@ def gpu_name() -> str | None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench-federated"), show_default=True)
 @click.option("--compress", is_flag=True, help="Sites send top-k + int8 updates.")
 @click.option("--compress-downlink", is_flag=True, help="The global model travels as compressed changes.")
+@click.option("--topk", default=0.1, show_default=True, help="Share of entries sent with --compress/--compress-downlink.")
 @click.option("--engine", type=click.Choice(["simulation", "deployment"]), default="simulation", show_default=True,
               help="Flower's simulation (Ray), or its deployment engine on loopback (a process per site).")
 @click.option("--force", is_flag=True, help="Replace an existing run directory.")
 def main(split_dir: Path, preset: str, rounds: int, freeze_rounds: int, local_epochs: int, batch_size: int,
-         compress: bool, compress_downlink: bool, engine: str, out: Path, force: bool) -> None:
+         compress: bool, compress_downlink: bool, topk: float, engine: str, out: Path, force: bool) -> None:
     from fedlite.data.manifest import read_dataset
     from fedlite.data.split import load_split
     from fedlite.text import builtin_tokenizer, encode_notes
@@ -107,7 +108,8 @@ def main(split_dir: Path, preset: str, rounds: int, freeze_rounds: int, local_ep
     split = load_split(split_dir)
     cfg = FederatedConfig(split_dir=str(split_dir), out=str(out), preset=preset, rounds=rounds,
                           freeze_rounds=freeze_rounds, local_epochs=local_epochs, batch_size=batch_size,
-                          eval_every=rounds, compress=compress, compress_downlink=compress_downlink)
+                          eval_every=rounds, compress=compress, compress_downlink=compress_downlink,
+                          topk_fraction=topk)
     if engine == "deployment":
         run_deployed(cfg, split_dir, force)
     else:
@@ -119,7 +121,8 @@ def main(split_dir: Path, preset: str, rounds: int, freeze_rounds: int, local_ep
     tokens = sum(len(ids) for ids in encode_notes(builtin_tokenizer(), notes, 512).ids) / len(notes)
     report = summarize(history, training_flops_per_sample(preset, "both", tokens), len(split.sites))
     report.update(preset=preset, sites=len(split.sites), local_epochs=local_epochs, mean_tokens=tokens, engine=engine,
-                  compress=compress, compress_downlink=compress_downlink, machine=machine_info(), gpu=gpu_name())
+                  compress=compress, compress_downlink=compress_downlink,
+                  topk=topk if compress or compress_downlink else None, machine=machine_info(), gpu=gpu_name())
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
     click.echo(json.dumps(report, indent=2))
 

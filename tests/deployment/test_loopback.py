@@ -40,15 +40,17 @@ def test_the_federated_benchmark_runs_on_a_loopback_deployment(synth_split, tmp_
     split, out = synth_split.out_dir, tmp_path / "bench"
     result = CliRunner().invoke(bench_federated, [
         "--data", str(split), "--preset", "tiny", "--rounds", "1", "--local-epochs", "1", "--batch-size", "16",
-        "--engine", "deployment", "--out", str(out)])
+        "--engine", "deployment", "--compress", "--compress-downlink", "--topk", "0.05", "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
 
     report = json.loads((out / "bench.json").read_text())
     assert report["engine"] == "deployment" and report["timed_rounds"] == 1
+    assert report["compress"] and report["compress_downlink"] and report["topk"] == 0.05
     assert 0 < report["share_outside_training"] < 1 and report["samples_per_second"] > 0
     (record,) = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     sites = sorted(name for name in synth_split.counts if name.startswith("site-"))
     assert sorted(record["bytes_received"]) == sites  # every site of the split was a SuperNode of the run
+    assert 10 < record["compression_ratio"] < 4 / (3 * 0.05)  # top-k 5 % reached the sites
     logs = out.parent / "bench-deployment" / "logs"
     assert sorted(p.name for p in logs.iterdir()) == sorted(["superlink.log", *(f"supernode-{s}.log" for s in sites)])
     assert processes_under(tmp_path) == []
