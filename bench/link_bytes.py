@@ -40,14 +40,18 @@ def travelling_shapes(preset: str, frozen_encoders: bool) -> dict[str, tuple[int
     return {name: tuple(p.shape) for name, p in model.named_parameters() if name in names}
 
 
-def message_bytes(shapes: dict[str, tuple[int, ...]], topk: float | None, seed: int = 0) -> int:
-    """Bytes of one message carrying a random update of these shapes: dense (``topk`` None) or
-    through the codec at that share, counted as the round engine counts a message."""
+def random_update(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded float32 update of these shapes: what the codec keeps depends on shapes, not values."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
+
+
+def message_bytes(update: dict[str, np.ndarray], topk: float | None) -> int:
+    """Bytes of one message carrying ``update``: dense (``topk`` None) or through the codec at that
+    share, counted as the round engine counts a message."""
     from fedlite.federated.compress import encode_update, pack_encoded
     from fedlite.federated.records import to_record
 
-    rng = np.random.default_rng(seed)
-    update = {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
     if topk is not None:
         update = pack_encoded(encode_update(update, None, topk)[0])
     return to_record(update).count_bytes()
@@ -62,10 +66,10 @@ def link_rows(presets: list[str], topks: list[float], rates: tuple[float, ...]) 
         for kind, frozen in ROUND_KINDS.items():
             shapes = travelling_shapes(preset, frozen)
             params = sum(int(np.prod(s)) for s in shapes.values())
-            dense = None
+            update = random_update(shapes)
+            dense = message_bytes(update, None)
             for topk in [None, *topks]:
-                one = message_bytes(shapes, topk)
-                dense = dense or one
+                one = message_bytes(update, topk) if topk is not None else dense
                 down, up = 2 * one, one  # training and evaluation messages down, the update up
                 rows.append({"preset": preset, "round": kind, "tensors": len(shapes), "parameters": params,
                              "codec": "dense" if topk is None else f"top-k {topk:g} + int8", "topk": topk,
@@ -105,13 +109,13 @@ def main(presets: str, topks: str, link_mbps: str, out: Path) -> None:
     """Bytes and minutes per federated round on hospital links, dense against compressed."""
     from fedlite.errors import InputError
     from fedlite.federated.link_model import parse_link_mbps
-    from fedlite.presets import PRESETS
+    from fedlite.presets import PRESETS, get_preset
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PRESETS]
-    if unknown or not names:
-        raise InputError(f"unknown presets {unknown}" if unknown else "no preset given",
-                         hint=f"choose from {', '.join(PRESETS)}")
+    if not names:
+        raise InputError("--presets gave no preset", hint=f"choose from {', '.join(PRESETS)}")
+    for name in names:  # every name checked before any model is built
+        get_preset(name)
     try:
         shares = [float(t) for t in topks.split(",") if t.strip()]
     except ValueError:
